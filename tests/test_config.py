@@ -1,0 +1,62 @@
+"""The config tree: paper defaults, presets, YAML round trip, and one-line errors that name the field."""
+
+import pytest
+import yaml
+
+from tgan_ray.config import ConfigError, PRESETS, load_config, save_config
+
+
+def test_paper_defaults_are_the_papers_hyperparameters():
+    cfg = load_config("paper")
+    assert cfg.data.image_size == 512 and cfg.data.subset1_size == 5 and cfg.data.test_fraction == 0.2
+    s = cfg.segmenter
+    assert (s.arch, s.encoder, s.encoder_weights) == ("unetplusplus", "resnet34", None)
+    assert (s.lr, s.weight_decay, s.lr_step, s.lr_gamma, s.epochs, s.batch_size) == (3e-4, 5e-4, 5, 0.9, 150, 4)
+    assert s.focal_alpha == 0.25
+    for gan in (cfg.pix2pix, cfg.cyclegan):
+        assert (gan.epochs, gan.epochs_decay, gan.batch_size, gan.lr_g, gan.beta1, gan.beta2) == (
+            100, 50, 4, 2e-4, 0.5, 0.999)
+        assert gan.gan_mode == "lsgan" and gan.generator_encoder_weights is None
+    assert cfg.pix2pix.lambda_l1 == 10 and cfg.cyclegan.lambda_cycle == 10 and cfg.cyclegan.pool_size == 50
+
+
+def test_quick_preset_is_small_and_yaml_round_trips(tmp_path):
+    cfg = load_config("quick")
+    assert cfg.data.image_size == 64 and cfg.segmenter.epochs < 20
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config("paper", tmp_path / "c.yaml") == cfg
+    assert set(PRESETS) == {"paper", "quick"}
+
+
+def test_file_and_dotted_overrides_win(tmp_path):
+    (tmp_path / "o.yaml").write_text(yaml.safe_dump({"segmenter": {"epochs": 7}}))
+    cfg = load_config("quick", tmp_path / "o.yaml", {"segmenter.lr": 0.01})
+    assert cfg.segmenter.epochs == 7 and cfg.segmenter.lr == 0.01
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"segmenter": {"epoch": 3}}, "segmenter.epoch: unknown key"),
+        ({"segmenter": {"epochs": "many"}}, "segmenter.epochs"),
+        ({"nonsense": {}}, "nonsense: unknown key"),
+        ({"data": {"image_size": 100}}, "multiple of 32"),
+        ({"rough": {"particle_contrast": "purple"}}, "rough.particle_contrast"),
+    ],
+)
+def test_wrong_key_or_type_is_one_line_naming_the_field(tmp_path, data, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_config("paper", path)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_file_unknown_preset_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("paper", tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        load_config("fast")
+    (tmp_path / "x.yaml").write_text("a: [1,")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("paper", tmp_path / "x.yaml")

@@ -1,0 +1,348 @@
+"""One typed config tree for every stage, command, job and test.
+
+The defaults are the paper's hyperparameters (arXiv 2407.19544, see DESIGN.md): that is the ``paper`` preset.
+The ``quick`` preset shrinks images, networks and epochs so the whole pipeline runs on 2 CPU cores in minutes.
+
+    cfg = load_config(preset="quick", path="my.yaml", overrides={"segmenter.epochs": 5})
+    save_config(cfg, "run/config.yaml")
+
+A wrong key or a wrong type raises :class:`ConfigError` with a one-line message naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file, preset or override that does not fit the schema."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo in a YAML key must fail loudly, not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    image_size: int = Field(512, ge=32, description="Training tile side in px (paper: 512x512).")
+    resize_mode: Literal["resize", "tile"] = Field(
+        "resize", description="How real images reach image_size: 'resize' the whole frame, or cut 'tile's."
+    )
+    scale: float = Field(
+        1.0, gt=0, le=4, description="Tile mode: factor from original to working pixels (0.5 halves each side)."
+    )
+    real_crops: int = Field(
+        64, ge=1, description="Crops of real frames drawn for GAN training (pix2pix pairs, CycleGAN domain B)."
+    )
+    subset1_size: int = Field(5, ge=1, description="Images in subset 1, the rough-mask pix2pix set (paper: 5).")
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Held-out fraction (paper: train:test 4:1).")
+    min_images: int = Field(2, ge=1, description="Fewest usable images a stack may have.")
+    seed: int = Field(0, description="Seed for splits, sampling and training.")
+    norm_low_percentile: float = Field(0.5, ge=0, lt=50, description="Intensity mapped to 0 (robust min).")
+    norm_high_percentile: float = Field(99.5, gt=50, le=100, description="Intensity mapped to 1 (robust max).")
+    augment: bool = Field(True, description="Paper augmentation: Flip, ShiftScaleRotate, GaussNoise, p=0.5 each.")
+    pixel_size_nm: float | None = Field(
+        None, gt=0, description="Pixel size in nm; overrides file metadata. None: use metadata, else report px."
+    )
+    num_loader_workers: int = Field(0, ge=0, description="torch DataLoader workers per training worker.")
+
+
+class StorageConfig(_Section):
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, Ceph, moto). None: AWS_ENDPOINT_URL or AWS's default."
+    )
+    s3_region: str | None = Field(None, description="S3 region. None: AWS_DEFAULT_REGION or us-east-1.")
+    # Credentials are read only from the standard AWS environment / profile chain, never from config files,
+    # so they are never saved with a run's config or logged to MLflow.
+
+
+class RoughMaskConfig(_Section):
+    method: Literal["classical", "model", "sam"] = Field(
+        "classical", description="Step-2 segmenter: classical (training-free), model (NPsSegNet), sam."
+    )
+    particle_contrast: Literal["bright", "dark", "auto"] = Field(
+        "auto", description="Particles brighter (HAADF) or darker (BF-TEM) than the support, or detect."
+    )
+    seed_model: str | None = Field(None, description="NPsSegNet checkpoint (path, s3:// or models:/) for 'model'.")
+    sam_checkpoint: str | None = Field(None, description="Local Segment Anything weights for 'sam'.")
+    min_particle_px: int = Field(12, ge=1, description="Smallest particle area kept, px (at working scale).")
+    confidence: float = Field(
+        0.5, ge=0, le=1, description="Precision knob: higher keeps only the most certain particles."
+    )
+
+
+class PriorConfig(_Section):
+    n_masks: int = Field(1000, ge=1, description="Random masks sampled from the morphology prior (step 4).")
+    border_policy: Literal["clip", "exclude"] = Field(
+        "clip", description="Particles crossing the mask border: 'clip' them as real frames do, or 'exclude'."
+    )
+
+
+class GANConfig(_Section):
+    """Settings shared by pix2pix and CycleGAN (paper: Adam 2e-4, betas 0.5/0.999, 100 + 50 epochs)."""
+
+    epochs: int = Field(100, ge=0, description="Epochs at constant learning rate.")
+    epochs_decay: int = Field(50, ge=0, description="Further epochs with linear decay of the lr to zero.")
+    batch_size: int = Field(4, ge=1, description="Images per step per worker.")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="Cap on steps per epoch (None: one pass over the data)."
+    )
+    lr_g: float = Field(2e-4, gt=0, description="Generator learning rate.")
+    lr_d: float = Field(2e-4, gt=0, description="Discriminator learning rate.")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
+    generator_encoder: str = Field("resnet34", description="smp encoder of the U-Net++ generator.")
+    generator_encoder_weights: str | None = Field(
+        None, description="None (offline default), 'imagenet' if it can load, or a local .pth file."
+    )
+    generator_decoder_channels: list[int] = Field(
+        [256, 128, 64, 32, 16], description="U-Net++ decoder widths, deepest first (sets generator width)."
+    )
+    discriminator: Literal["patchgan", "unetplusplus"] = Field(
+        "patchgan", description="70x70 PatchGAN (reference) or a per-pixel U-Net++ discriminator (paper)."
+    )
+    discriminator_layers: int = Field(3, ge=1, le=6, description="PatchGAN strided conv layers (3 = 70x70).")
+    discriminator_width: int = Field(64, ge=4, description="PatchGAN first-layer filters.")
+    gan_mode: Literal["lsgan", "vanilla"] = Field("lsgan", description="GAN loss (paper: least squares).")
+    eval_every: int = Field(5, ge=1, description="Score generated images (FID/KID) every k epochs.")
+    eval_images: int = Field(32, ge=2, description="Generated images scored at each evaluation.")
+
+
+class Pix2PixConfig(GANConfig):
+    lambda_l1: float = Field(10.0, ge=0, description="Weight of the L1 term (paper: 10).")
+
+
+class CycleGANConfig(GANConfig):
+    lambda_cycle: float = Field(10.0, ge=0, description="Cycle-consistency weight (paper: 10).")
+    lambda_identity: float = Field(0.5, ge=0, description="Identity weight, relative to lambda_cycle.")
+    pool_size: int = Field(50, ge=0, description="History of generated images shown to the discriminators.")
+
+
+class SegmenterConfig(_Section):
+    arch: Literal["unetplusplus", "unet", "deeplabv3plus"] = Field(
+        "unetplusplus", description="NPsSegNet is UNet++; unet / deeplabv3plus are baselines."
+    )
+    encoder: str = Field("resnet34", description="smp encoder (paper: ResNet34).")
+    encoder_weights: str | None = Field(
+        None, description="None (offline default), 'imagenet' if it can load, or a local .pth file."
+    )
+    epochs: int = Field(150, ge=1, description="Training epochs (paper: 150).")
+    batch_size: int = Field(4, ge=1, description="Images per step per worker (paper: 4).")
+    steps_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch (None: full pass).")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(5e-4, ge=0, description="AdamW weight decay.")
+    lr_step: int = Field(5, ge=1, description="StepLR step, epochs.")
+    lr_gamma: float = Field(0.9, gt=0, le=1, description="StepLR decay factor.")
+    focal_alpha: float = Field(0.25, ge=0, le=1, description="Focal loss alpha.")
+    val_every: int = Field(1, ge=1, description="Validate every k epochs.")
+    tile_overlap: float = Field(0.25, ge=0, lt=1, description="Sliding-window overlap at inference.")
+    inference_batch_size: int = Field(8, ge=1, description="Tiles per forward pass at inference.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address; None starts a local Ray instance.")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (DDP ranks); 0 runs in-process.")
+    use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="GPU workers: auto uses them if present.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Train worker (fractions allowed).")
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per Train worker when GPUs are used.")
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: ∞).")
+    storage_path: str | None = Field(
+        None, description="Where Ray Train keeps checkpoints (dir or s3://); None: <run>/ray."
+    )
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per stage (best by score).")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 CPU.")
+    channels_last: bool = Field(True, description="channels_last memory format on GPU.")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None: MLFLOW_TRACKING_URI, else sqlite in the run folder."
+    )
+    experiment: str = Field("tgan-ray", description="MLflow experiment name.")
+    registered_model: str = Field("npssegnet", description="Registry name for the final segmenter.")
+    enabled: bool = Field(True, description="Log to MLflow at all.")
+    sample_every: int = Field(5, ge=1, description="Log sample grids every k epochs.")
+
+
+class ScaleOutConfig(_Section):
+    """Ray Data batch work: sharded generation (``tgan generate``) and segmentation (``tgan segment``)."""
+
+    batch_size: int = Field(16, ge=1, description="Images per model call in an actor.")
+    actors: int = Field(1, ge=1, description="Actors in the pool (one GPU each when GPUs are used).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (fractions allowed).")
+    gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per actor when GPUs are used.")
+    masks_per_task: int = Field(64, ge=1, description="Random masks sampled per Ray Data block.")
+
+
+class ServeConfig(_Section):
+    """Ray Serve segmentation endpoint (``tgan serve``)."""
+
+    host: str = Field("127.0.0.1", description="HTTP host to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Autoscaling target per replica.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0: CPU replicas).")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs per replica.")
+    max_batch_size: int = Field(8, ge=1, description="Requests grouped into one forward pass (@serve.batch).")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Concurrent requests per replica.")
+    max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="Largest upload accepted (413 above).")
+    max_pixels: int = Field(2**26, ge=1024, description="Largest decoded image, px (413 above: bomb guard).")
+
+
+class RunConfig(_Section):
+    rounds: int = Field(1, ge=1, description="Adaptation rounds: repeat steps 2-8 with the new segmenter.")
+    report_overlays: int = Field(4, ge=0, description="Real images shown with mask overlays in the report.")
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    storage: StorageConfig = StorageConfig()
+    rough: RoughMaskConfig = RoughMaskConfig()
+    prior: PriorConfig = PriorConfig()
+    pix2pix: Pix2PixConfig = Pix2PixConfig()
+    cyclegan: CycleGANConfig = CycleGANConfig()
+    segmenter: SegmenterConfig = SegmenterConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    scale_out: ScaleOutConfig = ScaleOutConfig()
+    serve: ServeConfig = ServeConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _check_tile_size(self) -> Config:
+        # U-Net++ / PatchGAN downsample 32x: a tile side that does not divide by 32 breaks the skip connections.
+        if self.data.image_size % 32:
+            raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of 32")
+        return self
+
+
+# Presets are overrides on the paper defaults, kept as data so `tgan config --preset quick` can print them.
+_QUICK: dict[str, Any] = {
+    "data": {"image_size": 64, "resize_mode": "tile", "subset1_size": 3, "test_fraction": 0.2, "real_crops": 48},
+    "prior": {"n_masks": 48},
+    "pix2pix": {
+        "epochs": 6,
+        "epochs_decay": 2,
+        "batch_size": 4,
+        "steps_per_epoch": 8,
+        "generator_encoder": "resnet18",
+        "generator_decoder_channels": [64, 32, 16, 16, 8],
+        "discriminator_width": 16,
+        "eval_every": 4,
+        "eval_images": 16,
+    },
+    "cyclegan": {
+        "epochs": 3,
+        "epochs_decay": 1,
+        "batch_size": 4,
+        "steps_per_epoch": 8,
+        "generator_encoder": "resnet18",
+        "generator_decoder_channels": [64, 32, 16, 16, 8],
+        "discriminator_width": 16,
+        "eval_every": 2,
+        "eval_images": 16,
+        "pool_size": 16,
+    },
+    "segmenter": {"encoder": "resnet18", "epochs": 8, "batch_size": 8, "lr": 1e-3},
+    "ray": {"num_workers": 1, "cpus_per_worker": 1.0},
+    "tracking": {"sample_every": 4},
+}
+PRESETS: dict[str, dict[str, Any]] = {"paper": {}, "quick": _QUICK}
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _dotted_to_nested(overrides: dict[str, Any]) -> dict:
+    nested: dict = {}
+    for dotted, value in overrides.items():
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{field}: {msg}")
+    return f"invalid config ({source}): " + "; ".join(parts)
+
+
+def build_config(data: dict[str, Any] | None = None, source: str = "dict") -> Config:
+    """Validate a nested dict into a :class:`Config`; errors name the field."""
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, source)) from None
+
+
+def load_config(
+    preset: str = "paper", path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Paper defaults, then a preset, then a YAML file, then dotted overrides (``{"segmenter.lr": 1e-3}``)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    merged = dict(PRESETS[preset])
+    source = f"preset {preset}"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            from_file = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(from_file, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(from_file).__name__}")
+        merged = _deep_merge(merged, from_file)
+        source = str(p)
+    if overrides:
+        merged = _deep_merge(merged, _dotted_to_nested(overrides))
+    return build_config(merged, source)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the full config as YAML (atomically: a temporary name, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(p)
+
+
+def flatten_config(cfg: Config) -> dict[str, Any]:
+    """Dotted keys -> values, for MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = node
+
+    walk("", config_to_dict(cfg))
+    return flat

@@ -1,0 +1,68 @@
+"""The working scale: real frames, normalised and rescaled to the scale the networks train and predict at.
+
+- ``resize`` mode (paper): each frame's long side becomes ``data.image_size``: one tile per frame.
+- ``tile`` mode: frames are rescaled by ``data.scale`` and cut into ``image_size`` tiles; large micrographs keep
+  their small particles instead of shrinking them away.
+Sizes are always reported back in the original calibration: ``pixel_size_nm / scale`` at the working scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.transform import rescale, resize
+
+from tgan_ray.config import DataConfig
+
+
+def working_scale(shape: tuple[int, int], cfg: DataConfig) -> float:
+    """Factor from original pixels to working pixels for a frame of this shape."""
+    if cfg.resize_mode == "resize":
+        return cfg.image_size / max(shape)
+    return cfg.scale
+
+
+def to_working(image: np.ndarray, scale: float) -> np.ndarray:
+    """Rescale a normalised frame (float32 [0, 1]) by ``scale`` (anti-aliased when shrinking)."""
+    if abs(scale - 1.0) < 1e-6:
+        return image.astype(np.float32, copy=False)
+    return rescale(image, scale, order=1, anti_aliasing=scale < 1, preserve_range=True).astype(np.float32)
+
+
+def to_original(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Map a working-scale probability map back to the original frame's pixels."""
+    if prob.shape == tuple(shape):
+        return prob
+    return resize(prob, shape, order=1, preserve_range=True, anti_aliasing=False).astype(np.float32)
+
+
+def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
+    ph, pw = max(size - a.shape[0], 0), max(size - a.shape[1], 0)
+    if ph or pw:
+        a = np.pad(a, ((0, ph), (0, pw)), mode="reflect" if min(a.shape) > 1 else "edge")
+    return a
+
+
+def random_crops(
+    images: list[np.ndarray],
+    size: int,
+    n_total: int,
+    rng: np.random.Generator,
+    masks: list[np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Draw ``n_total`` square crops spread evenly over the images (padded by reflection when smaller).
+
+    Returns:
+        (crops N x size x size float32, mask crops N x size x size uint8 or None).
+    """
+    out_i, out_m = [], []
+    for k in range(n_total):
+        j = k % len(images)
+        img = _pad_to(images[j], size)
+        y = rng.integers(0, img.shape[0] - size + 1)
+        x = rng.integers(0, img.shape[1] - size + 1)
+        out_i.append(img[y : y + size, x : x + size])
+        if masks is not None:
+            m = _pad_to(masks[j].astype(np.uint8), size)
+            out_m.append(m[y : y + size, x : x + size])
+    crops = np.stack(out_i).astype(np.float32)
+    return crops, (np.stack(out_m).astype(np.uint8) if masks is not None else None)
