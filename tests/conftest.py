@@ -28,6 +28,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny test models on 2 shared cores: OpenMP threads spin-wait on each other and run many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray instance shared by the whole session."""

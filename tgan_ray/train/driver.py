@@ -1,0 +1,164 @@
+"""``train_stage``: run one trainable step as a Ray Train TorchTrainer (DDP over ``ray.num_workers`` workers).
+
+    result = train_stage("pix2pix", cfg.pix2pix, {"train_images": ..., "train_masks": ..., ...}, cfg, run_dir)
+    result.checkpoint_path   # best checkpoint by its score (KID for GANs, validation MIoU for NPsSegNet)
+
+The same call runs in-process (``num_workers=0``), on 2 gloo CPU workers, or on N GPUs across nodes.
+Running it again with the same run folder resumes from the stage's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from tgan_ray.config import Config
+from tgan_ray.tracking import Tracker
+from tgan_ray.train.plumbing import CHECKPOINT_MODEL
+from tgan_ray.train.stages import STAGES
+from tgan_ray.train.worker import train_loop_per_worker
+
+
+@dataclass
+class StageResult:
+    """What a finished stage leaves behind."""
+
+    stage: str
+    checkpoint_path: str  # best checkpoint folder (local path or bucket/prefix on S3)
+    metrics: dict[str, Any]  # the metrics reported with that checkpoint
+    storage_uri: str  # where Ray Train kept this stage's checkpoints
+    latest_checkpoint_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_path(self) -> str:
+        return str(Path(self.checkpoint_path) / CHECKPOINT_MODEL)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "checkpoint_path": self.checkpoint_path,
+            "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float, str))},
+            "storage_uri": self.storage_uri,
+            "latest_checkpoint_path": self.latest_checkpoint_path,
+        }
+
+
+def _storage(cfg: Config, run_dir: str | Path) -> tuple[str, Any]:
+    """Ray Train storage: ``ray.storage_path`` or ``<run>/ray``; S3 through a pyarrow filesystem."""
+    path = cfg.ray.storage_path or f"{str(run_dir).rstrip('/')}/ray"
+    if path.startswith("s3://"):
+        from tgan_ray.io.storage import pyarrow_filesystem
+
+        return path[len("s3://") :], pyarrow_filesystem(cfg.storage)
+    return str(Path(path).resolve()), None
+
+
+def build_trainer(stage: str, loop_config: dict[str, Any], cfg: Config, name: str, storage_path: str, fs=None,
+                  callbacks: list | None = None):
+    """One TorchTrainer builder, shared by ``train_stage`` and Tune trials."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tgan_ray.runtime import use_gpu
+
+    gpu = use_gpu(cfg.ray)
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=gpu,
+            resources_per_worker=resources if cfg.ray.num_workers > 0 else None,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.ray.num_to_keep,
+                checkpoint_score_attribute="score",
+                checkpoint_score_order=STAGES[stage].mode,
+            ),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def put_data(data: dict[str, Any]) -> dict[str, Any]:
+    """Arrays go through the object store once, not pickled into every worker's config."""
+    import ray
+
+    return {k: ray.put(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in data.items()}
+
+
+def train_stage(
+    stage: str,
+    stage_cfg: BaseModel,
+    data: dict[str, np.ndarray],
+    cfg: Config,
+    run_dir: str | Path,
+    tracker: Tracker | None = None,
+    name: str | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> StageResult:
+    """Train one stage on Ray Train and return its best checkpoint.
+
+    Args:
+        stage: "pix2pix", "cyclegan" or "segmenter".
+        stage_cfg: that stage's config section.
+        data: the stage's arrays (see ``stages.py``).
+        cfg: the whole config (ray, tracking, seed).
+        run_dir: the run folder; checkpoints go under ``<run>/ray/<name>`` unless ``ray.storage_path`` is set.
+        tracker: the parent MLflow run; the stage logs into a child run of it.
+        name: Ray Train run name (the same name resumes).
+        extra_config: merged into the loop config (e.g. fault injection in tests).
+    """
+    from tgan_ray.runtime import init_ray
+
+    if stage not in STAGES:
+        raise KeyError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
+    init_ray(cfg.ray)
+    name = name or stage
+    storage_path, fs = _storage(cfg, run_dir)
+    child = (tracker or Tracker(None)).start_child(name, tags={"stage": stage})
+    child.log_params({f"{stage}.{k}": v for k, v in stage_cfg.model_dump(mode="json").items()})
+    loop_config = {
+        "stage": stage,
+        "stage_cfg": stage_cfg.model_dump(mode="json"),
+        "data": put_data(data),
+        "ray": cfg.ray.model_dump(mode="json"),
+        "seed": cfg.data.seed,
+        "tracking": {"uri": child.uri, "experiment": child.experiment, "run_id": child.run_id,
+                     "sample_every": cfg.tracking.sample_every},
+        **(extra_config or {}),
+    }
+    trainer = build_trainer(stage, loop_config, cfg, name, storage_path, fs)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        child.end("FAILED")
+        raise
+    best = result.get_best_checkpoint("score", STAGES[stage].mode) or result.checkpoint
+    if best is None:
+        child.end("FAILED")
+        raise RuntimeError(f"stage {stage} reported no checkpoint (storage {storage_path}/{name})")
+    metrics = next((m for c, m in result.best_checkpoints if c.path == best.path), result.metrics or {})
+    child.log_metrics({f"best/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    child.set_tags({"checkpoint": best.path})
+    child.end()
+    return StageResult(
+        stage=stage,
+        checkpoint_path=best.path,
+        metrics=dict(metrics),
+        storage_uri=f"{storage_path}/{name}",
+        latest_checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        extra={"mlflow_run_id": child.run_id},
+    )

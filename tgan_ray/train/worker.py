@@ -1,0 +1,99 @@
+"""``train_loop_per_worker``: the one Ray Train loop every stage runs in.
+
+parse config -> set up the worker -> build the stage -> restore the latest checkpoint -> epochs, each ending in
+``ray.train.report`` (a barrier: every rank reports every epoch; only rank 0 attaches a checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+
+def _resolve(value: Any) -> Any:
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def _format_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _maybe_inject_fault(config: dict, epoch: int, ctx) -> None:
+    """Kill this worker once, in the middle of a given epoch: how tests prove a lost worker is recovered."""
+    fault = config.get("fault_injection")
+    if not fault or epoch != fault["epoch"] or ctx.rank != fault.get("rank", 0):
+        return
+    marker = Path(fault["marker"])
+    if not marker.exists():
+        marker.write_text("killed")
+        os._exit(1)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Run one stage. ``config`` keys: stage, stage_cfg, data, ray, seed, tracking, extractor."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from tgan_ray.tracking import Tracker
+    from tgan_ray.train.plumbing import read_checkpoint_state, setup_worker, write_checkpoint_dir
+    from tgan_ray.train.stages import create_stage
+
+    ctx = setup_worker(config.get("ray", {}), config.get("seed", 0))
+    data = {k: _resolve(v) for k, v in config["data"].items()}
+    stage = create_stage(config["stage"], config["stage_cfg"], data, ctx, config.get("extractor", "random-resnet18"))
+
+    start_epoch, best, starts = 0, None, []
+    state = read_checkpoint_state(ray.train.get_checkpoint())
+    if state is not None:
+        stage.load_state_dict(state["stage"])
+        start_epoch, best, starts = state["epoch"] + 1, state.get("best"), state.get("starts", [])
+        if ctx.is_main:
+            print(f"[{config['stage']}] resumed from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+    starts = [*starts, start_epoch]  # where each (re)start began: the record of resumes
+
+    tracking = config.get("tracking") or {}
+    tracker = Tracker(tracking.get("uri"), tracking.get("experiment", "tgan-ray"), tracking.get("run_id"))
+    if not ctx.is_main:
+        tracker = Tracker(None)
+    sample_every = tracking.get("sample_every", 5)
+
+    last = stage.num_epochs - 1
+    t_start = time.time()
+    for epoch in range(start_epoch, stage.num_epochs):
+        metrics = stage.train_epoch(epoch)
+        _maybe_inject_fault(config, epoch, ctx)  # a crash mid-epoch, after its training, before its checkpoint
+        metrics["epoch"] = epoch + 1
+        checkpoint = None
+        is_eval = (epoch + 1) % stage.eval_every == 0 or epoch == last
+        if is_eval and ctx.is_main:
+            metrics.update(stage.evaluate())
+            score = metrics[stage.score]
+            if best is None or (score < best if stage.mode == "min" else score > best):
+                best = score
+            metrics["score"], metrics["best_score"] = score, best
+            state = {"stage": stage.state_dict(), "epoch": epoch, "best": best, "starts": starts}
+            checkpoint = Checkpoint.from_directory(write_checkpoint_dir(state, stage.export))
+        if ctx.is_main:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+            if (epoch + 1) % sample_every == 0 or epoch == last:
+                tracker.log_image(stage.sample_grid(), f"samples/epoch_{epoch + 1:04d}.png")
+            done = epoch + 1 - start_epoch
+            eta = (time.time() - t_start) / done * (stage.num_epochs - epoch - 1)
+            shown = " ".join(
+                f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                if isinstance(v, float) and not k.endswith("lr") and "std" not in k
+            )
+            print(f"[{config['stage']}] epoch {epoch + 1}/{stage.num_epochs} {shown} ETA {_format_eta(eta)}", flush=True)
+        if is_eval:
+            # Every rank reports the same number of times; only rank 0 carries the checkpoint and the score.
+            ray.train.report(metrics if ctx.is_main else {"epoch": epoch + 1}, checkpoint=checkpoint)
+    if start_epoch > last and ctx.is_main:
+        print(f"[{config['stage']}] already complete ({stage.num_epochs} epochs)", flush=True)
+
