@@ -224,35 +224,23 @@ class Config(_Section):
 
 
 # Presets are overrides on the paper defaults, kept as data so `tgan config --preset quick` can print them.
+_LIGHT_GENERATOR = {
+    # A 0.4M-parameter timm encoder: about 4x faster than ResNet-18 per GAN step on a CPU.
+    "generator_encoder": "tu-mobilenetv3_small_050",
+    "generator_decoder_channels": [64, 32, 16, 16, 8],
+    "discriminator_width": 16,
+}
 _QUICK: dict[str, Any] = {
-    "data": {"image_size": 64, "resize_mode": "tile", "subset1_size": 3, "test_fraction": 0.2, "real_crops": 48},
-    "prior": {"n_masks": 48},
-    "pix2pix": {
-        "epochs": 6,
-        "epochs_decay": 2,
-        "batch_size": 4,
-        "steps_per_epoch": 8,
-        "generator_encoder": "resnet18",
-        "generator_decoder_channels": [64, 32, 16, 16, 8],
-        "discriminator_width": 16,
-        "eval_every": 4,
-        "eval_images": 16,
-    },
-    "cyclegan": {
-        "epochs": 3,
-        "epochs_decay": 1,
-        "batch_size": 4,
-        "steps_per_epoch": 8,
-        "generator_encoder": "resnet18",
-        "generator_decoder_channels": [64, 32, 16, 16, 8],
-        "discriminator_width": 16,
-        "eval_every": 2,
-        "eval_images": 16,
-        "pool_size": 16,
-    },
-    "segmenter": {"encoder": "resnet18", "epochs": 8, "batch_size": 8, "lr": 1e-3},
+    "data": {"image_size": 64, "resize_mode": "tile", "subset1_size": 3, "test_fraction": 0.2, "real_crops": 64},
+    "prior": {"n_masks": 96},
+    "pix2pix": {"epochs": 20, "epochs_decay": 10, "batch_size": 4, "steps_per_epoch": 10, "eval_every": 10,
+                "eval_images": 16, **_LIGHT_GENERATOR},
+    "cyclegan": {"epochs": 8, "epochs_decay": 4, "batch_size": 4, "steps_per_epoch": 10, "eval_every": 4,
+                 "eval_images": 16, "pool_size": 16, **_LIGHT_GENERATOR},
+    "segmenter": {"encoder": "resnet18", "epochs": 12, "batch_size": 8, "steps_per_epoch": 10, "lr": 1e-3,
+                  "val_every": 2},
     "ray": {"num_workers": 1, "cpus_per_worker": 1.0},
-    "tracking": {"sample_every": 4},
+    "tracking": {"sample_every": 10},
 }
 PRESETS: dict[str, dict[str, Any]] = {"paper": {}, "quick": _QUICK}
 

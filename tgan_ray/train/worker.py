@@ -67,7 +67,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last = stage.num_epochs - 1
     t_start = time.time()
     for epoch in range(start_epoch, stage.num_epochs):
+        t_epoch = time.perf_counter()
         metrics = stage.train_epoch(epoch)
+        seconds = time.perf_counter() - t_epoch
+        images = len(stage.loader) * stage.loader.batch_size * ctx.world_size
+        metrics.update({"train/epoch_s": seconds, "train/images_per_s": images / seconds})
         _maybe_inject_fault(config, epoch, ctx)  # a crash mid-epoch, after its training, before its checkpoint
         metrics["epoch"] = epoch + 1
         checkpoint = None
@@ -88,7 +92,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             eta = (time.time() - t_start) / done * (stage.num_epochs - epoch - 1)
             shown = " ".join(
                 f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
-                if isinstance(v, float) and not k.endswith("lr") and "std" not in k
+                if isinstance(v, float) and not k.endswith(("lr", "epoch_s")) and "std" not in k
             )
             print(f"[{config['stage']}] epoch {epoch + 1}/{stage.num_epochs} {shown} ETA {_format_eta(eta)}", flush=True)
         if is_eval:

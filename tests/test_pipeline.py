@@ -1,0 +1,164 @@
+"""`tgan run` end to end on a tiny synthetic stack, including a crash between steps and the resume after it."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tgan_ray.config import load_config
+from tgan_ray.data.synthetic import make_stack
+from tgan_ray.pipeline import Pipeline, PipelineError, run_pipeline
+
+TINY = {
+    "data.image_size": 64,
+    "data.real_crops": 16,
+    "data.subset1_size": 3,
+    "prior.n_masks": 24,
+    "pix2pix.epochs": 1,
+    "pix2pix.epochs_decay": 1,
+    "pix2pix.steps_per_epoch": 2,
+    "pix2pix.eval_every": 2,
+    "pix2pix.eval_images": 8,
+    "cyclegan.epochs": 1,
+    "cyclegan.epochs_decay": 0,
+    "cyclegan.steps_per_epoch": 2,
+    "cyclegan.eval_every": 1,
+    "cyclegan.eval_images": 8,
+    "segmenter.epochs": 2,
+    "segmenter.steps_per_epoch": 3,
+    "ray.cpus_per_worker": 0.5,
+}
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("pipeline")
+    stack = make_stack(root / "stack", n=6, modality="haadf", size=128, seed=3)
+    cfg = load_config("quick", overrides=TINY)
+    out = root / "run"
+    lines: list[str] = []
+
+    # First attempt dies between steps (after the 1st generation, in CycleGAN).
+    original = Pipeline.step_cyclegan
+
+    def crash(self, *args):
+        raise Crash("simulated crash")
+
+    Pipeline.step_cyclegan = crash
+    try:
+        with pytest.raises(Crash):
+            run_pipeline(str(stack / "images"), out, cfg, log=lines.append)
+    finally:
+        Pipeline.step_cyclegan = original
+    gen1_mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "round1" / "virtual" / "gen1").glob("*.png")}
+
+    resumed: list[str] = []
+    result = run_pipeline(str(stack / "images"), out, cfg, log=resumed.append)
+    return {
+        "out": out,
+        "stack": stack,
+        "result": result,
+        "resumed": resumed,
+        "gen1_mtimes": gen1_mtimes,
+        "cfg": cfg,
+    }
+
+
+def test_resume_after_crash_skips_finished_steps(finished_run):
+    resumed = finished_run["resumed"]
+    for step in ("stack", "round1/rough", "round1/prior", "round1/pix2pix", "round1/gen1"):
+        assert f"== {step}: done earlier, skipped" in resumed
+    assert "== round1/cyclegan ..." in resumed
+    gen1 = finished_run["out"] / "round1" / "virtual" / "gen1"
+    assert {p.name: p.stat().st_mtime_ns for p in gen1.glob("*.png")} == finished_run["gen1_mtimes"]
+
+
+def test_every_artefact_is_written(finished_run):
+    out, stack = finished_run["out"], finished_run["stack"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    steps = manifest["steps"]
+    for step in (
+        "stack",
+        "round1/rough",
+        "round1/prior",
+        "round1/pix2pix",
+        "round1/gen1",
+        "round1/cyclegan",
+        "round1/gen2",
+        "round1/virtual",
+        "round1/segmenter",
+        "segment",
+        "report",
+    ):
+        assert steps[step]["status"] == "done", step
+
+    virtual = json.loads((out / "round1" / "virtual" / "manifest.json").read_text())
+    assert virtual["count"] == 24
+    pair = virtual["pairs"][0]
+    image = np.asarray(Image.open(out / "round1" / "virtual" / pair["image"]))
+    mask = np.asarray(Image.open(out / "round1" / "virtual" / pair["mask"]))
+    assert image.shape == mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+    assert (
+        sum(np.asarray(Image.open(out / "round1" / "virtual" / p["mask"])).any() for p in virtual["pairs"])
+        > 12
+    )
+
+    assert (out / "round1" / "npssegnet.pt").is_file()
+    from tgan_ray.models.npssegnet import load_segmenter
+
+    _, meta = load_segmenter(out / "round1" / "npssegnet.pt")
+    assert meta["data"]["image_size"] == 64
+
+    for src in sorted((stack / "images").glob("*.png")):
+        m = np.asarray(Image.open(out / "masks" / src.name))
+        assert m.shape == np.asarray(Image.open(src)).shape and set(np.unique(m)) <= {0, 255}
+
+    table = pd.read_csv(out / "particles.csv")
+    assert {"image", "equivalent_diameter", "circularity", "solidity", "touches_border", "unit"} <= set(table)
+    assert (table["unit"] == "nm").all()  # pixel size from the stack's pixel_size.json
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["count"] == int((~table["touches_border"]).sum())
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64" in html and "http://" not in html and "https://" not in html
+    assert finished_run["result"].report == out / "report.html"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    parent = manifest["mlflow_run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert {c.data.tags["stage"] for c in children} >= {"pix2pix", "cyclegan", "segmenter"}
+
+
+def test_rerun_with_another_config_is_refused(finished_run):
+    cfg = load_config("quick", overrides={**TINY, "segmenter.epochs": 5})
+    with pytest.raises(PipelineError, match="segmenter.epochs"):
+        Pipeline(str(finished_run["stack"] / "images"), finished_run["out"], cfg)
+
+
+def test_too_few_images_and_no_particles_are_clear_errors(tmp_path, ray_local):
+    from tgan_ray.io import StackError
+    from tgan_ray.masks import NoParticlesError
+
+    stack = make_stack(tmp_path / "small", n=3, modality="haadf", size=96, seed=1)
+    cfg = load_config("quick", overrides=TINY)
+    with pytest.raises((StackError, PipelineError, ValueError), match="3"):
+        run_pipeline(str(stack / "images"), tmp_path / "r1", cfg, log=lambda m: None)
+
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray((rng.normal(120, 3, (96, 96))).clip(0, 255).astype(np.uint8)).save(
+            blank / f"b{i}.png"
+        )
+    with pytest.raises(NoParticlesError, match="particle-contrast"):
+        run_pipeline(str(blank), tmp_path / "r2", cfg, log=lambda m: None)

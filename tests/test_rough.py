@@ -1,0 +1,194 @@
+"""Step 2: the classical rough segmenter, the model/SAM factory and the no-particle check.
+
+Frames are made here: Gaussian-blurred ellipses on a sloped, textured support with Poisson noise (HAADF-like),
+or dark particles on a bright support (BF-TEM-like); the true ellipses give an object-level F1.
+"""
+
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.draw import disk, ellipse
+from skimage.measure import label
+
+from tgan_ray.config import RoughMaskConfig
+from tgan_ray.masks import (
+    ClassicalSegmenter,
+    ModelSegmenter,
+    NoParticlesError,
+    check_masks,
+    create_rough_segmenter,
+)
+
+
+def em_frame(seed=0, size=256, n=25, radius=6.0, particles=True, dark=False, dose=200.0):
+    """A synthetic frame and its true particle labels.
+
+    Everything is drawn in units of ``radius``, so a frame with twice the radius and twice the size is the same
+    scene at twice the magnification.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    support = 0.25 + 0.15 * yy + 0.1 * xx  # a slope across the frame
+    texture = ndi.gaussian_filter(rng.normal(size=(size, size)), 0.8 * radius)
+    support += (
+        0.05 * texture / texture.std()
+    )  # amorphous support: blobs at the particle scale, lower contrast
+    truth = np.zeros((size, size), np.int32)
+    centres = np.zeros((0, 2))
+    for _ in range(20 * n if particles else 0):
+        if len(centres) == n:
+            break
+        centre = rng.uniform(2 * radius, size - 2 * radius, 2)
+        if len(centres) and np.hypot(*(centres - centre).T).min() < 4 * radius:
+            continue  # keep particles apart, so the truth is unambiguous
+        centres = np.vstack([centres, centre])
+        r, ar = radius * rng.uniform(0.8, 1.25), rng.uniform(1.0, 1.4)
+        rr, cc = ellipse(
+            *centre, r * np.sqrt(ar), r / np.sqrt(ar), (size, size), rotation=rng.uniform(0, np.pi)
+        )
+        truth[rr, cc] = len(centres)
+    signal = ndi.gaussian_filter((truth > 0).astype(float), 0.15 * radius)  # a little probe blur
+    clean = support + 0.45 * signal
+    if dark:  # BF-TEM: bright vacuum/support, particles absorb
+        clean = 1.0 - 0.6 * support - 0.45 * signal
+    image = rng.poisson(np.clip(clean, 0, None) * dose) / dose
+    return image.astype(np.float32), truth
+
+
+def object_f1(pred_mask, truth, iou=0.3):
+    """Object F1: greedy one-to-one matching of predicted and true objects by IoU (>= ``iou``)."""
+    pred = label(pred_mask)
+    n_pred, n_true = pred.max(), truth.max()
+    inter = np.bincount(truth.ravel() * (n_pred + 1) + pred.ravel(), minlength=(n_true + 1) * (n_pred + 1))
+    inter = inter.reshape(n_true + 1, n_pred + 1)[1:, 1:].astype(float)
+    union = (
+        np.bincount(truth.ravel(), minlength=n_true + 1)[1:, None]
+        + np.bincount(pred.ravel(), minlength=n_pred + 1)[None, 1:]
+        - inter
+    )
+    scores = inter / np.maximum(union, 1)
+    tp = 0
+    while scores.size and scores.max() >= iou:
+        t, p = np.unravel_index(scores.argmax(), scores.shape)
+        scores[t, :], scores[:, p] = 0, 0
+        tp += 1
+    precision, recall = tp / max(n_pred, 1), tp / max(n_true, 1)
+    return 2 * precision * recall / max(precision + recall, 1e-9), precision, recall
+
+
+def test_finds_bright_particles_on_textured_sloped_support():
+    image, truth = em_frame(seed=1)
+    mask = ClassicalSegmenter("bright").segment(image)
+    f1, precision, recall = object_f1(mask, truth)
+    assert f1 > 0.8, (f1, precision, recall)
+
+
+def test_few_false_positives_on_bare_support():
+    image, _ = em_frame(seed=2, particles=False)
+    seg = ClassicalSegmenter("bright")
+    assert label(seg.segment(image, radius=6.0)).max() <= 2
+    assert label(seg.segment(image)).max() <= 2  # with the scale it estimates from texture alone
+
+
+def test_scale_follows_magnification():
+    seg = ClassicalSegmenter("bright")
+    small = seg.estimate_scale(em_frame(seed=3, size=256, radius=5.0)[0])
+    large = seg.estimate_scale(em_frame(seed=3, size=512, radius=10.0)[0])
+    assert 3.5 < small < 7.5
+    assert 1.6 < large / small < 2.5, (small, large)
+
+
+def test_dark_particles_and_auto_contrast():
+    dark_image, dark_truth = em_frame(seed=4, dark=True)
+    bright_image, _ = em_frame(seed=5)
+    auto = ClassicalSegmenter("auto")
+    assert auto.detect_contrast(dark_image) == "dark"
+    assert auto.detect_contrast(bright_image) == "bright"
+    assert object_f1(ClassicalSegmenter("dark").segment(dark_image), dark_truth)[0] > 0.8
+    assert object_f1(auto.segment(dark_image), dark_truth)[0] > 0.8
+    # The wrong polarity finds the gaps between particles, not the particles.
+    assert object_f1(ClassicalSegmenter("bright").segment(dark_image), dark_truth)[0] < 0.3
+
+
+def test_confidence_trades_recall_for_precision():
+    image, truth = em_frame(seed=6, dose=60.0)
+    counts = [
+        label(ClassicalSegmenter("bright", confidence=c).segment(image, radius=6.0)).max() for c in (0, 1)
+    ]
+    assert counts[0] >= counts[1]
+
+
+def test_touching_particles_stay_apart():
+    image = np.full((96, 96), 0.2, np.float32)
+    for cx in (40, 54):  # two discs of radius 7 whose edges touch
+        rr, cc = disk((48, cx), 7.2)
+        image[rr, cc] = 0.9
+    mask = ClassicalSegmenter("bright").segment(ndi.gaussian_filter(image, 1.0), radius=7.0)
+    assert label(mask, connectivity=2).max() == 2
+
+
+def test_large_frame_is_fast():
+    image, truth = em_frame(seed=7, size=2048, n=400, radius=6.0)
+    # CPU seconds, not wall time: the test machine's cores are shared with other jobs.
+    start = time.process_time()
+    mask = ClassicalSegmenter("auto").segment(image)
+    assert time.process_time() - start < 10.0
+    assert object_f1(mask, truth)[0] > 0.8
+
+
+def test_segment_stack_shares_one_scale():
+    frames = [em_frame(seed=s)[0] for s in (8, 9, 10)]
+    seg = ClassicalSegmenter("auto")
+    masks = seg.segment_stack(frames)
+    assert len(masks) == 3 and all(m.shape == (256, 256) and m.dtype == bool for m in masks)
+    assert all(label(m).max() > 10 for m in masks)
+    with pytest.raises(ValueError, match="per="):
+        seg.segment_stack(frames, per="frame")
+
+
+def test_bad_inputs_raise_one_line_errors():
+    with pytest.raises(ValueError, match="2-D frame"):
+        ClassicalSegmenter().segment(np.zeros((32, 32, 3)))
+    with pytest.raises(ValueError, match="particle_contrast"):
+        ClassicalSegmenter("grey")
+    with pytest.raises(ValueError, match="confidence"):
+        ClassicalSegmenter(confidence=2)
+
+
+def test_check_masks_counts_and_raises_on_empty():
+    image, truth = em_frame(seed=11)
+    assert check_masks([truth > 0, np.zeros_like(truth, bool)], ["a", "b"]) == [truth.max(), 0]
+    with pytest.raises(NoParticlesError, match="--particle-contrast bright\\|dark.*--seed-model") as err:
+        check_masks([np.zeros((8, 8), bool)] * 2, ["img1.tif", "img2.tif"])
+    assert "img1.tif" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_create_rough_segmenter():
+    seg = create_rough_segmenter(
+        RoughMaskConfig(particle_contrast="dark", min_particle_px=20, confidence=0.8)
+    )
+    assert isinstance(seg, ClassicalSegmenter)
+    assert (seg.particle_contrast, seg.min_particle_px, seg.confidence) == ("dark", 20, 0.8)
+    with pytest.raises(ValueError, match="seed_model"):
+        create_rough_segmenter(RoughMaskConfig(method="model"))
+    with pytest.raises(ValueError, match="sam_checkpoint"):
+        create_rough_segmenter(RoughMaskConfig(method="sam"))
+    try:
+        import segment_anything  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install segment-anything"):
+            create_rough_segmenter(RoughMaskConfig(method="sam", sam_checkpoint="sam_vit_b.pth"))
+
+
+def test_model_segmenter_runs_a_saved_npssegnet(tmp_path):
+    from tgan_ray.models.npssegnet import create_segmenter, save_segmenter
+
+    path = save_segmenter(create_segmenter(encoder="resnet18"), tmp_path / "seed.pt")
+    cfg = RoughMaskConfig(method="model", seed_model=str(path))
+    seg = create_rough_segmenter(cfg, tile=64)
+    assert isinstance(seg, ModelSegmenter)
+    image, _ = em_frame(seed=12, size=100)
+    mask = seg.segment(image)
+    assert mask.shape == (100, 100) and mask.dtype == bool

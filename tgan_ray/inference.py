@@ -1,0 +1,113 @@
+"""Inference with trained artefacts: GAN generators (steps 4 and 6) and NPsSegNet on real frames (step 8).
+
+One code path for the pipeline, Ray Data batch jobs and Ray Serve, so a big stack and a single frame at the
+microscope get the same masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tgan_ray.config import DataConfig, SegmenterConfig
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _autocast(device: torch.device):
+    # bf16 on GPU (the project's default precision there); fp32 on CPU, where bf16 is slower.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def load_generator(model_path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
+    """Rebuild a pix2pix / CycleGAN generator from a stage's ``model.pt``."""
+    from tgan_ray.models.networks import define_generator
+
+    path = Path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"generator checkpoint not found: {path}")
+    artefact = torch.load(path, map_location="cpu", weights_only=True)
+    if "generator" not in artefact:
+        raise ValueError(f"{path} is not a GAN generator checkpoint (kind={artefact.get('kind')!r})")
+    cfg = artefact["config"]
+    net = define_generator(
+        encoder=cfg["generator_encoder"], decoder_channels=tuple(cfg["generator_decoder_channels"])
+    )
+    net.load_state_dict(artefact["generator"])
+    return net.to(pick_device(device) if not isinstance(device, torch.device) else device).eval()
+
+
+@torch.no_grad()
+def run_generator(generator: torch.nn.Module, inputs: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Images or masks in [0, 1] (N x H x W) -> generated images in [0, 1] (N x H x W, float32)."""
+    device = next(generator.parameters()).device
+    out = []
+    for i in range(0, len(inputs), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(inputs[i : i + batch_size], dtype=np.float32))[:, None]
+        with _autocast(device):
+            y = generator(x.to(device) * 2 - 1)
+        out.append(((y.float().clamp(-1, 1) + 1) / 2)[:, 0].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,) + inputs.shape[1:], np.float32)
+
+
+class Segmenter:
+    """A trained NPsSegNet with everything needed to segment a real frame at the working scale.
+
+    Args:
+        model_path: an NPsSegNet checkpoint written by ``save_segmenter`` (or a segmenter stage's model.pt).
+        data_cfg: the run's data settings (tile size, scale rule, normalisation percentiles).
+        seg_cfg: inference settings (tile overlap, batch size).
+    """
+
+    def __init__(self, model_path: str | Path, data_cfg: DataConfig | None = None,
+                 seg_cfg: SegmenterConfig | None = None, device: str | None = None):
+        from tgan_ray.models.npssegnet import load_segmenter
+
+        self.device = pick_device(device)
+        self.model, self.meta = load_segmenter(str(model_path), map_location="cpu")
+        self.model = self.model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.data_cfg = data_cfg or DataConfig.model_validate(self.meta.get("data", {}))
+        self.seg_cfg = seg_cfg or SegmenterConfig()
+
+    @torch.no_grad()
+    def _predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
+        if x.dim() == 3:
+            x = x[:, None]
+        x = x.to(self.device)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(self.device):
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1)[:, 1:2].cpu().numpy()
+
+    def probability(self, image: np.ndarray) -> np.ndarray:
+        """Particle probability for a normalised frame (float32 [0, 1]), at the frame's own resolution."""
+        from tgan_ray.data.working import to_original, to_working, working_scale
+
+        work = to_working(image, working_scale(image.shape, self.data_cfg))
+        return to_original(self.probability_working(work), image.shape)
+
+    def probability_working(self, work: np.ndarray) -> np.ndarray:
+        """Particle probability for a frame already at the working scale."""
+        from tgan_ray.data.tiling import sliding_window_predict
+
+        return sliding_window_predict(
+            self._predict_tiles, work, self.data_cfg.image_size, self.seg_cfg.tile_overlap,
+            self.seg_cfg.inference_batch_size,
+        )
+
+    def segment_working(self, work: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """Boolean mask of a frame at the working scale (the rough segmenter of later rounds)."""
+        return self.probability_working(work) > threshold
+
+    def segment(self, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """Boolean particle mask of a normalised frame, at its original resolution."""
+        return self.probability(image) > threshold

@@ -1,0 +1,512 @@
+"""Step 2: rough masks of subset 1 (paper: "any available segmenter"; only rough morphology is needed).
+
+The default is :class:`ClassicalSegmenter`, training-free and tuned for precision over recall: the morphology
+prior wants particles that are surely particles, not every bright speck of support texture. Every length scales
+with the particle radius it estimates from the image itself, so no pixel size is wired in:
+
+    seg = ClassicalSegmenter(particle_contrast="auto")
+    mask = seg.segment(image)                # bool, same shape; touching particles kept 1 px apart
+    radius_px = seg.estimate_scale(image)
+
+:class:`ModelSegmenter` uses a trained NPsSegNet instead (how a HAADF model seeds a BF-TEM run); 'sam' uses
+Segment Anything when it is installed. :func:`create_rough_segmenter` builds one from ``cfg.rough``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage.filters import threshold_otsu
+from skimage.measure import regionprops
+from skimage.morphology import disk, opening
+from skimage.segmentation import watershed
+from skimage.transform import downscale_local_mean, resize
+
+from tgan_ray.config import RoughMaskConfig
+from tgan_ray.io import normalize_intensity
+
+Contrast = Literal["bright", "dark"]
+
+_SCALE_GRID_PX = 512  # long side of the copy searched for blobs: keeps 2048^2 frames well under a second
+_SIGNIFICANT_Z = 4.0  # a blob counts when its LoG response is 4x the local RMS of responses at its scale
+_MIN_RESPONSE = 0.02  # ... and its contrast is at least 2% of the robust intensity range
+_WORK_RADIUS_PX = 6.0  # segmentation runs on a copy shrunk until particles are about this radius
+
+
+class NoParticlesError(ValueError):
+    """The rough masks hold no particle at all: nothing to learn a morphology from."""
+
+
+def _as_frame(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 2 or min(image.shape) < 16:
+        raise ValueError(f"rough segmenter needs a 2-D frame of at least 16x16 px, got shape {image.shape}")
+    return normalize_intensity(image)
+
+
+def _shrink(x: np.ndarray, factor: int) -> np.ndarray:
+    """Block-mean downsampling; the frame is edge-padded to whole blocks so border blocks are not darkened."""
+    if factor == 1:
+        return x
+    return downscale_local_mean(np.pad(x, [(0, -n % factor) for n in x.shape], mode="edge"), (factor, factor))
+
+
+def _log_significance(
+    image: np.ndarray, sigma: float, background: np.ndarray | None = None
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Scale-normalised LoG response (bright blobs > 0) and its significance, on a 2^k-decimated copy.
+
+    Significance is the response over the RMS response within 5 sigma: a particle stands out from its own
+    surroundings at its own scale; support texture and shot noise do not. With ``background`` (1 where no
+    object is) the RMS is taken over the background only (normalised convolution), so a crowd of particles does
+    not hide its own members. Decimating large scales keeps each call near the cost of the finest one.
+
+    Returns:
+        (d, response, z): the decimation factor and two maps at 1/d of the input's size.
+    """
+    d = int(2 ** max(0, np.floor(np.log2(sigma / 1.5))))
+    sd = sigma / d
+    response = -(sd**2) * ndi.gaussian_laplace(_shrink(image, d), sd)
+    power = response * response
+    if background is None:
+        rms = np.sqrt(ndi.gaussian_filter(power, 5 * sd, truncate=2.0))
+    else:
+        bg = _shrink(background, d)
+        weight = ndi.gaussian_filter(bg, 5 * sd, truncate=2.0) + 1e-3
+        rms = np.sqrt(ndi.gaussian_filter(power * bg, 5 * sd, truncate=2.0) / weight)
+    return d, response, response / (rms + 1e-6)
+
+
+def _scan(x: np.ndarray, max_side: int = _SCALE_GRID_PX, max_sigma: float | None = None):
+    """Scale-space blobs of a [0, 1] frame with bright particles, searched on a copy of at most ``max_side`` px.
+
+    Returns:
+        (radius, z): per blob, its radius (sqrt(2) sigma, input px) and its significance.
+    """
+    f = max(1, int(np.ceil(max(x.shape) / max_side)))
+    grid = _shrink(x, f)
+    top = max(2.0, max(grid.shape) / 25) if max_sigma is None else max(2.0, max_sigma / f)
+    sigmas = np.geomspace(1.0, top, 16 if max_sigma is None else 8)
+    maps = [_log_significance(grid, s) for s in sigmas]
+
+    def response_at(k: int, y: np.ndarray, x_: np.ndarray) -> np.ndarray:
+        d, r, _ = maps[k]
+        return r[
+            np.clip((y / d).astype(int), 0, r.shape[0] - 1), np.clip((x_ / d).astype(int), 0, r.shape[1] - 1)
+        ]
+
+    radius, z = [], []
+    for k, (d, response, significance) in enumerate(maps):
+        peaks = peak_local_max(
+            response,
+            min_distance=max(1, int(sigmas[k] / d)),
+            threshold_abs=_MIN_RESPONSE,
+            exclude_border=False,
+        )
+        if not len(peaks):
+            continue
+        value = response[peaks[:, 0], peaks[:, 1]]
+        y, x_ = (peaks[:, 0] + 0.5) * d, (peaks[:, 1] + 0.5) * d
+        keep = np.ones(len(peaks), bool)  # a maximum over scale too: the blob's own scale
+        if k > 0:
+            keep &= value >= response_at(k - 1, y, x_)
+        if k < len(maps) - 1:
+            keep &= value >= response_at(k + 1, y, x_)
+        radius.append(np.full(keep.sum(), sigmas[k] * np.sqrt(2) * f))
+        z.append(significance[peaks[keep, 0], peaks[keep, 1]])
+    return (np.concatenate(radius), np.concatenate(z)) if radius else (np.zeros(0), np.zeros(0))
+
+
+def _radius_from_blobs(radius: np.ndarray, z: np.ndarray) -> float:
+    """Significance-weighted median radius of the significant blobs (the 8 strongest if fewer are)."""
+    if not len(z):
+        return float("nan")
+    keep = z > _SIGNIFICANT_Z
+    if keep.sum() < 8:
+        keep = np.argsort(-z)[:8]
+    r, w = radius[keep], np.maximum(z[keep] - _SIGNIFICANT_Z, 0) + 0.1
+    order = np.argsort(r)
+    cum = np.cumsum(w[order])
+    return float(r[order][np.searchsorted(cum, cum[-1] / 2)])
+
+
+def _bright_radius(x: np.ndarray, scan: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """Particle radius (px) of a [0, 1] frame with bright particles."""
+    radius = _radius_from_blobs(*(scan if scan is not None else _scan(x)))
+    f = int(np.ceil(max(x.shape) / _SCALE_GRID_PX))
+    if f > 1 and radius < 3 * f:
+        # Small particles on a big frame sit near the coarse grid's resolution: redo small scales on a finer
+        # grid where they are ~4 px, on a central crop so the cost stays bounded.
+        f2 = max(1, int(radius / 4))
+        half = _SCALE_GRID_PX * f2
+        cy, cx = x.shape[0] // 2, x.shape[1] // 2
+        crop = x[max(0, cy - half) : cy + half, max(0, cx - half) : cx + half]
+        fine = _radius_from_blobs(*_scan(crop, 2 * _SCALE_GRID_PX, max_sigma=2 * radius))
+        radius = fine if np.isfinite(fine) else radius
+    return radius if np.isfinite(radius) else 2.0
+
+
+def _strength(scan: tuple[np.ndarray, np.ndarray]) -> float:
+    """Mean significance of the 20 strongest blobs: how clearly a polarity shows particles."""
+    z = scan[1]
+    return float(np.sort(z)[-20:].mean()) if len(z) else 0.0
+
+
+def _cut_touching(labels: np.ndarray) -> np.ndarray:
+    """Boolean mask with a 1-px gap wherever two labels touch, so a saved 0/1 mask keeps them apart."""
+    return (labels > 0) & ~(ndi.maximum_filter(labels, size=3) > labels)
+
+
+class ClassicalSegmenter:
+    """Training-free rough segmenter: scale-space particle size, top-hat background, threshold, plausibility.
+
+    Pipeline (every length in units of the estimated particle radius r, no pixel size wired in):
+    robust normalisation -> flip dark particles -> r = significance-weighted median radius of LoG scale-space
+    blobs -> shrink the frame until r ~ 6 px -> Gaussian denoise (0.25 r; before the top-hat, whose opening is
+    biased low by noise) -> white top-hat with a disk of 2.5 r -> Otsu threshold scaled by ``confidence``,
+    never below a noise floor -> fill holes -> drop objects under ``min_particle_px`` or (0.35 r)^2 pi ->
+    split touching particles (distance watershed) -> keep objects that are convex, not streaks, significant
+    in scale space at their own size, and brighter than a ring of background around them -> full resolution.
+
+    Args:
+        particle_contrast: 'bright' (HAADF), 'dark' (BF-TEM) or 'auto' (decided per image).
+        min_particle_px: Smallest particle area kept, px of the input frame.
+        confidence: 0..1; higher keeps fewer, surer particles (stricter threshold, shape and contrast tests).
+    """
+
+    def __init__(
+        self,
+        particle_contrast: Literal["auto", "bright", "dark"] = "auto",
+        min_particle_px: int = 12,
+        confidence: float = 0.5,
+    ):
+        if particle_contrast not in ("auto", "bright", "dark"):
+            raise ValueError(f"particle_contrast={particle_contrast!r}; choose auto, bright or dark")
+        if not 0 <= confidence <= 1:
+            raise ValueError(f"confidence={confidence} must lie in [0, 1]")
+        self.particle_contrast = particle_contrast
+        self.min_particle_px = int(min_particle_px)
+        self.confidence = float(confidence)
+
+    # -- analysis ------------------------------------------------------------------------------------------------
+    def _analyse(self, image: np.ndarray, contrast: str | None, radius: float | None):
+        """-> (frame in [0, 1] with bright particles, contrast, radius px); each blob scan runs at most once."""
+        x = _as_frame(image)
+        contrast = contrast or self.particle_contrast
+        scans = {}
+        if contrast == "auto":
+            scans = {"bright": _scan(x), "dark": _scan(1 - x)}
+            contrast = "bright" if _strength(scans["bright"]) >= _strength(scans["dark"]) else "dark"
+        if contrast not in ("bright", "dark"):
+            raise ValueError(f"contrast={contrast!r}; choose auto, bright or dark")
+        x = 1 - x if contrast == "dark" else x
+        return x, contrast, float(radius) if radius else _bright_radius(x, scans.get(contrast))
+
+    def detect_contrast(self, image: np.ndarray) -> Contrast:
+        """'bright' or 'dark': the polarity whose strongest blobs stand out more from their surroundings."""
+        x = _as_frame(image)
+        return "bright" if _strength(_scan(x)) >= _strength(_scan(1 - x)) else "dark"
+
+    def estimate_scale(self, image: np.ndarray, contrast: str | None = None) -> float:
+        """Typical particle radius in px: significance-weighted median radius of the LoG scale-space blobs.
+
+        Args:
+            image: Frame (H, W), any intensity range.
+            contrast: Overrides ``particle_contrast`` ('bright' / 'dark' / 'auto').
+        """
+        return self._analyse(image, contrast, None)[2]
+
+    # -- segmentation --------------------------------------------------------------------------------------------
+    def segment(
+        self, image: np.ndarray, radius: float | None = None, contrast: str | None = None
+    ) -> np.ndarray:
+        """Boolean particle mask, touching particles kept 1 px apart.
+
+        Args:
+            image: Frame (H, W), any intensity range.
+            radius: Particle radius in px; None estimates it (:meth:`estimate_scale`).
+            contrast: Overrides ``particle_contrast``.
+
+        Shape:
+            (H, W) -> (H, W) bool.
+        """
+        return _cut_touching(self.label(image, radius, contrast))
+
+    def label(
+        self, image: np.ndarray, radius: float | None = None, contrast: str | None = None
+    ) -> np.ndarray:
+        """Like :meth:`segment` but returns int32 labels, one per particle (0 = background)."""
+        x, _, radius = self._analyse(image, contrast, radius)
+        factor = max(1, int(radius / _WORK_RADIUS_PX))
+        work, r = _shrink(x, factor), radius / factor
+        smooth = ndi.gaussian_filter(work, max(0.5, 0.25 * r))
+        score = smooth - _background(smooth, 2.5 * r)
+        score -= self._threshold(score)
+        labels = _split(score > 0, r, min_area=self.min_particle_px / factor**2)
+        labels = self._plausible(labels, work, r)
+        if factor > 1:
+            labels = _upsample_labels(labels, score, x.shape, factor)
+        return labels.astype(np.int32)
+
+    def segment_stack(
+        self, images: Sequence[np.ndarray], per: Literal["stack", "image"] = "stack"
+    ) -> list[np.ndarray]:
+        """Segment a stack; by default one contrast and one particle scale for the whole stack.
+
+        A stack comes from one session at one magnification, so ``per="stack"`` uses the majority contrast and
+        the median of the per-image radii: one image whose estimate fails (few particles, a dirty frame) does
+        not get its own, wrong, scale. ``per="image"`` estimates both per image (mixed magnifications).
+
+        Returns:
+            One bool mask per image.
+        """
+        if per not in ("stack", "image"):
+            raise ValueError(f"per={per!r}; choose stack or image")
+        analysed = [self._analyse(image, None, None)[1:] for image in images]
+        if per == "image" or not analysed:
+            return [self.segment(im, r, c) for im, (c, r) in zip(images, analysed, strict=True)]
+        contrasts = [c for c, _ in analysed]
+        contrast = max(("bright", "dark"), key=contrasts.count)
+        radius = float(np.median([r for _, r in analysed]))
+        return [self.segment(im, radius, contrast) for im in images]
+
+    def _threshold(self, score: np.ndarray) -> float:
+        # Otsu splits particles from support; confidence 0.5 keeps it, 1 raises it by 40%. The floor keeps a
+        # frame without particles from being split into its own texture.
+        c = self.confidence
+        med = float(np.median(score))
+        mad = 1.4826 * float(np.median(np.abs(score - med))) + 1e-6
+        otsu = float(threshold_otsu(score)) if np.ptp(score) > 0 else np.inf
+        return max(otsu * (0.6 + 0.8 * c), med + (3 + 4 * c) * mad)
+
+    def _plausible(self, labels: np.ndarray, work: np.ndarray, r: float) -> np.ndarray:
+        """Keep objects that are convex, not streaks, and stand out from their surroundings (working scale)."""
+        c = self.confidence
+        n = int(labels.max())
+        if n == 0:
+            return labels
+        index = np.arange(1, n + 1)
+        seen = ndi.gaussian_filter(work, 0.35 * r)  # ring test at the particle scale, not the pixel scale
+        width = max(2, int(round(0.75 * r)))
+        ring = ndi.maximum_filter(labels, size=2 * width + 1) * (labels == 0)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a ring swallowed by neighbours: NaN, dropped
+            inside = np.asarray(ndi.mean(seen, labels, index))
+            around = np.asarray(ndi.mean(seen, ring, index))
+            spread = np.asarray(ndi.standard_deviation(seen, ring, index))
+        keep = np.zeros(n + 1, bool)
+        keep[1:] = (
+            (_significance(work, labels, n, r) >= 3.0 + 2.0 * c)
+            & (inside - around > (1.0 + 2.0 * c) * spread)
+            & (_axis_ratio(labels, n) <= 3.5 - c)  # scan-line streaks are long and thin
+        )
+        for p in regionprops(labels * keep[labels]):
+            keep[p.label] = p.solidity >= 0.75 + 0.15 * c  # clusters and support lumps are not convex
+        return _relabel(labels * keep[labels])
+
+
+def _background(image: np.ndarray, radius: float) -> np.ndarray:
+    """Grey opening with a disk (the top-hat's background), on a copy shrunk so the disk is ~5 px, then upsampled.
+
+    The background is smooth at the disk's scale, so the shrink costs no accuracy and keeps 2048^2 frames fast.
+    """
+    f = max(1, int(radius / 5))
+    small = opening(_shrink(image, f), disk(max(1, int(round(radius / f))), decomposition="sequence"))
+    if f == 1:
+        return small
+    return resize(small, [n * f for n in small.shape], order=1)[: image.shape[0], : image.shape[1]]
+
+
+def _split(binary: np.ndarray, r: float, min_area: float) -> np.ndarray:
+    """Fill holes, drop specks, and split touching particles by a watershed on the distance map."""
+    binary = ndi.binary_fill_holes(binary)
+    blobs, _ = ndi.label(binary)
+    small = np.bincount(blobs.ravel()) < max(min_area, np.pi * (0.35 * r) ** 2, 2)
+    small[0] = True
+    binary = ~small[blobs]
+    distance = ndi.distance_transform_edt(binary)
+    seeds = peak_local_max(
+        ndi.gaussian_filter(distance, 0.5),
+        min_distance=max(2, int(0.7 * r)),
+        labels=blobs * binary,
+        exclude_border=False,
+    )
+    markers = np.zeros(binary.shape, np.int32)
+    markers[tuple(seeds.T)] = np.arange(1, len(seeds) + 1)
+    return watershed(-distance, markers, mask=binary)
+
+
+def _significance(work: np.ndarray, labels: np.ndarray, n: int, r: float) -> np.ndarray:
+    """Best LoG significance inside each object, over the scales near its own size (0.6-1.6x its radius)."""
+    ys, xs = np.nonzero(labels)
+    owner = labels[ys, xs]
+    scales = r / np.sqrt(2) * 2 ** np.arange(-1.0, 2.0, 0.5)
+    own_sigma = np.sqrt(np.bincount(owner, minlength=n + 1)[1:] / np.pi) / np.sqrt(2)
+    own_sigma = np.clip(own_sigma, scales[0], scales[-1])  # objects beyond the range use its nearest end
+    background = (ndi.maximum_filter(labels, size=3) == 0).astype(float)
+    best = np.zeros(n)
+    for s in scales:
+        near = (s >= 0.6 * own_sigma) & (s <= 1.6 * own_sigma)
+        if near.any():
+            d, _, z = _log_significance(work, s, background)
+            per_object = np.asarray(ndi.maximum(z[ys // d, xs // d], owner, np.arange(1, n + 1)))
+            best = np.where(near, np.maximum(best, per_object), best)
+    return best
+
+
+def _axis_ratio(labels: np.ndarray, n: int) -> np.ndarray:
+    """Major / minor axis of each label's inertia ellipse (regionprops' axis lengths, vectorised for speed)."""
+    flat = labels.ravel()
+    yy, xx = (a.ravel().astype(float) for a in np.indices(labels.shape))
+    m = [np.bincount(flat, w, minlength=n + 1)[1:] for w in (None, yy, xx, yy * yy, xx * xx, yy * xx)]
+    area = np.maximum(m[0], 1)
+    cy, cx = m[1] / area, m[2] / area
+    vyy, vxx, vxy = m[3] / area - cy**2 + 1 / 12, m[4] / area - cx**2 + 1 / 12, m[5] / area - cy * cx
+    half_trace, det = (vyy + vxx) / 2, vyy * vxx - vxy**2
+    root = np.sqrt(np.maximum(half_trace**2 - det, 0))
+    return np.sqrt((half_trace + root) / np.maximum(half_trace - root, 1e-6))
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    ids = np.unique(labels)
+    lut = np.zeros(int(labels.max()) + 1, np.int32)
+    lut[ids[ids > 0]] = np.arange(1, (ids > 0).sum() + 1)
+    return lut[labels]
+
+
+def _upsample_labels(
+    labels: np.ndarray, score: np.ndarray, shape: tuple[int, int], factor: int
+) -> np.ndarray:
+    """Labels from a shrunk copy back to full resolution, with smooth (bilinear) rather than blocky edges."""
+    h, w = shape
+    up_score = resize(score, [n * factor for n in score.shape], order=1)[:h, :w]
+    up_labels = np.kron(labels, np.ones((factor, factor), labels.dtype))[:h, :w]
+    grown = ndi.grey_dilation(up_labels, size=2 * factor + 1)  # reach the bilinear edge beyond the blocks
+    up_labels = np.where(up_labels > 0, up_labels, grown)
+    return np.where(up_score > 0, up_labels, 0)
+
+
+class ModelSegmenter:
+    """A trained NPsSegNet as the rough segmenter (how a HAADF model seeds a BF-TEM run, or adaptation rounds).
+
+    Args:
+        checkpoint: Local NPsSegNet checkpoint written by ``save_segmenter``.
+        device: Torch device for inference.
+        tile: Tile side, px: the scale the model was trained at (``data.image_size``).
+        overlap: Sliding-window overlap (``segmenter.tile_overlap``).
+        batch_size: Tiles per forward pass (``segmenter.inference_batch_size``).
+        threshold: Particle probability above which a pixel is a particle.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        device: str = "cpu",
+        tile: int = 512,
+        overlap: float = 0.25,
+        batch_size: int = 8,
+        threshold: float = 0.5,
+    ):
+        from tgan_ray.models.npssegnet import load_segmenter
+
+        self.model, self.meta = load_segmenter(checkpoint, map_location=device)
+        self.device, self.tile, self.overlap = device, int(tile), overlap
+        self.batch_size, self.threshold = batch_size, threshold
+
+    def _predict(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        from tgan_ray.models.npssegnet import predict_proba
+
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        return predict_proba(self.model, x).cpu().numpy()
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """Boolean particle mask of a frame (H, W) at its own resolution."""
+        from tgan_ray.data.tiling import sliding_window_predict
+
+        prob = sliding_window_predict(
+            self._predict, _as_frame(image), self.tile, self.overlap, self.batch_size
+        )
+        return prob > self.threshold
+
+
+class SamSegmenter:
+    """Segment Anything's automatic mask generator, kept to particle-sized segments of the right contrast.
+
+    Args:
+        checkpoint: Local SAM weights; the model type (vit_h / vit_l / vit_b) is read from the file name.
+        particle_contrast: 'bright', 'dark' or 'auto' (as :class:`ClassicalSegmenter` decides it).
+        max_area_fraction: Segments larger than this fraction of the frame are support, not particles.
+    """
+
+    def __init__(self, checkpoint: str, particle_contrast: str = "auto", max_area_fraction: float = 0.01):
+        from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+
+        kind = next((k for k in ("vit_h", "vit_l", "vit_b") if k in str(checkpoint)), "vit_b")
+        self.generator = SamAutomaticMaskGenerator(sam_model_registry[kind](checkpoint=str(checkpoint)))
+        self.contrast = ClassicalSegmenter(particle_contrast)
+        self.max_area_fraction = max_area_fraction
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        x, _, _ = self.contrast._analyse(image, None, radius=1.0)  # oriented so particles are bright
+        rgb = np.repeat((x * 255).astype(np.uint8)[..., None], 3, axis=2)
+        labels = np.zeros(x.shape, np.int32)
+        for i, seg in enumerate(sorted(self.generator.generate(rgb), key=lambda s: -s["area"]), start=1):
+            m = seg["segmentation"]
+            ring = ndi.binary_dilation(m, iterations=3) & ~m
+            if seg["area"] <= self.max_area_fraction * x.size and ring.any() and x[m].mean() > x[ring].mean():
+                labels[m] = i  # smaller segments, drawn last, win overlaps
+        return _cut_touching(labels)
+
+
+def create_rough_segmenter(cfg: RoughMaskConfig, device: str = "cpu", tile: int = 512):
+    """Build the step-2 segmenter named by ``cfg.method``: an object with ``segment(image) -> bool mask``.
+
+    Args:
+        cfg: The ``rough`` config section.
+        device: Torch device for 'model'.
+        tile: Tile side for 'model' (the run's ``data.image_size``).
+    """
+    if cfg.method == "classical":
+        return ClassicalSegmenter(cfg.particle_contrast, cfg.min_particle_px, cfg.confidence)
+    if cfg.method == "model":
+        if not cfg.seed_model:
+            raise ValueError(
+                "rough.method=model needs rough.seed_model (an NPsSegNet checkpoint, --seed-model)"
+            )
+        return ModelSegmenter(cfg.seed_model, device=device, tile=tile)
+    if cfg.method == "sam":
+        if not cfg.sam_checkpoint:
+            raise ValueError("rough.method=sam needs rough.sam_checkpoint (local Segment Anything weights)")
+        try:
+            import segment_anything  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "rough.method=sam needs Segment Anything: pip install segment-anything"
+            ) from None
+        return SamSegmenter(cfg.sam_checkpoint, cfg.particle_contrast)
+    raise KeyError(f"unknown rough.method {cfg.method!r}; choose one of: classical, model, sam")
+
+
+def check_masks(masks: Sequence[np.ndarray], sources: Sequence[str]) -> list[int]:
+    """Particles per rough mask; raises :class:`NoParticlesError` when no mask holds any.
+
+    Args:
+        masks: Rough masks (bool or labels).
+        sources: A name per mask (file stem or URI), for the message.
+
+    Returns:
+        The particle count of each mask.
+    """
+    counts = [int(ndi.label(np.asarray(m) > 0, structure=np.ones((3, 3)))[1]) for m in masks]
+    if not any(counts):
+        names = ", ".join(map(str, list(sources)[:5])) + (", ..." if len(sources) > 5 else "")
+        raise NoParticlesError(
+            f"rough masks of {len(counts)} image(s) ({names}) hold no particles; try --particle-contrast "
+            "bright|dark, a lower rough.confidence, or a --seed-model"
+        )
+    return counts

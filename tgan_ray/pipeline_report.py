@@ -1,0 +1,109 @@
+"""The run's PSD report: particles.csv, summary.json, plots and one self-contained report.html."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
+    """Measure every mask of the real stack and write the report into the run folder.
+
+    Args:
+        pipe: the :class:`~tgan_ray.pipeline.Pipeline` (run folder, config, tracker).
+        stack: output of the stack step (frames, splits).
+        masks: output of the segment step (folder of masks).
+        rnd: the last round (its samples are shown).
+    """
+    from PIL import Image
+
+    from tgan_ray.analysis.particles import measure_particles
+    from tgan_ray.analysis.plots import plot_overlay, plot_psd, plot_shapes
+    from tgan_ray.analysis.psd import psd_summary, write_summary
+    from tgan_ray.analysis.report import write_particles_csv, write_report
+
+    run_dir: Path = pipe.run_dir
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    tables = []
+    for frame in stack["frames"]:
+        mask = np.asarray(Image.open(Path(masks["folder"]) / f"{frame['stem']}.png")) > 127
+        tables.append(measure_particles(mask, frame["stem"], frame["pixel_size_nm"]))
+    df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    units = {f["pixel_size_nm"] is not None for f in stack["frames"]}
+    if len(units) > 1:
+        pipe.log("   warning: some images have a pixel size and some do not; give --pixel-size-nm to report all in nm")
+    write_particles_csv(df, run_dir / "particles.csv")
+    summary = psd_summary(df, images=[f["stem"] for f in stack["frames"]])
+    write_summary(summary, run_dir / "summary.json")
+
+    figures = {
+        "Particle size distribution with lognormal fit": plot_psd(df, summary, plots / "psd.png"),
+        "Particle shape": plot_shapes(df, plots / "shapes.png"),
+    }
+    for frame in stack["frames"][: pipe.cfg.run.report_overlays]:
+        image = pipe._work(frame["stem"])
+        mask = np.asarray(Image.open(Path(masks["folder"]) / f"{frame['stem']}.png")) > 127
+        mask_small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.shape[::-1])) > 127
+        figures[f"Masks on {frame['stem']}"] = plot_overlay(image, mask_small, plots / f"overlay_{frame['stem']}.png",
+                                                            frame["stem"])
+    figures["Samples: real | rough mask | random mask | 1st generation | 2nd generation"] = _sample_grid(pipe, stack, rnd, plots)
+
+    stage_rows = []
+    for step, info in pipe.manifest.data["steps"].items():
+        metrics = info.get("outputs", {}).get("metrics", {})
+        row = {"step": step, "seconds": info.get("seconds")}
+        row.update({k: v for k, v in metrics.items() if k.startswith("val/") and "std" not in k})
+        stage_rows.append(row)
+    ks = json.loads((run_dir / f"round{rnd}" / "prior_ks.json").read_text())
+    per_image = pd.DataFrame(
+        [{"image": k, "particles": v} for k, v in (summary.get("per_image_counts") or {}).items()]
+    )
+    report = write_report(
+        run_dir,
+        f"tgan-ray report: {Path(str(pipe.images)).name or pipe.images}",
+        summary,
+        figures,
+        tables={"Particles per image": per_image, "Steps": pd.DataFrame(stage_rows),
+                "Sampled masks vs morphology prior (KS distance, lower is closer)":
+                    pd.DataFrame([{"feature": k, "ks": v} for k, v in ks.items()])},
+        extra={"images": pipe.images, "frames": len(stack["frames"]), "unreadable": len(stack["skipped"]),
+               "rounds": pipe.cfg.run.rounds, "image_size": pipe.cfg.data.image_size,
+               "resize_mode": pipe.cfg.data.resize_mode},
+    )
+    pipe.tracker.log_metrics({f"psd/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+    for path in [run_dir / "summary.json", run_dir / "particles.csv", report, *figures.values()]:
+        pipe.tracker.log_artifact(path, "report")
+    pipe.log(f"   {summary.get('count')} particles; report: {report}")
+    return {"report": str(report), "summary": summary, "csv": str(run_dir / "particles.csv")}
+
+
+def _sample_grid(pipe, stack: dict, rnd: int, plots: Path) -> Path:
+    from PIL import Image
+
+    from tgan_ray.analysis.plots import plot_grid
+    from tgan_ray.data.working import random_crops
+
+    round_dir = pipe.run_dir / f"round{rnd}"
+    virtual = round_dir / "virtual"
+    names = sorted(p.name for p in (virtual / "gen2").glob("*.png"))[:4]
+    stems = stack["subset1"]
+    rows = []
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        stem = stems[i % len(stems)]
+        real, rough = random_crops(
+            [pipe._work(stem)], pipe.cfg.data.image_size, 1, rng,
+            [np.asarray(Image.open(round_dir / "rough" / f"{stem}.png")) > 127],
+        )
+        rows.append([
+            real[0], rough[0].astype(np.float32),
+            (np.asarray(Image.open(virtual / "masks" / name)) > 127).astype(np.float32),
+            np.asarray(Image.open(virtual / "gen1" / name), dtype=np.float32) / 255,
+            np.asarray(Image.open(virtual / "gen2" / name), dtype=np.float32) / 255,
+        ])
+    return plot_grid(rows, ["real", "rough mask", "random mask", "1st generation", "2nd generation"], plots / "samples.png")
