@@ -36,6 +36,10 @@ class DataConfig(_Section):
     scale: float = Field(
         1.0, gt=0, le=4, description="Tile mode: factor from original to working pixels (0.5 halves each side)."
     )
+    target_particle_px: float | None = Field(
+        None, gt=2, description="Tile mode: rescale the stack so its median particle diameter is this many px "
+        "(scale estimated from the images by scale-space blob detection; overrides data.scale). None: use scale."
+    )
     real_crops: int = Field(
         64, ge=1, description="Crops of real frames drawn for GAN training (pix2pix pairs, CycleGAN domain B)."
     )
@@ -231,7 +235,8 @@ _LIGHT_GENERATOR = {
     "discriminator_width": 16,
 }
 _QUICK: dict[str, Any] = {
-    "data": {"image_size": 64, "resize_mode": "tile", "subset1_size": 3, "test_fraction": 0.2, "real_crops": 64},
+    "data": {"image_size": 64, "resize_mode": "tile", "target_particle_px": 12, "subset1_size": 3,
+             "test_fraction": 0.2, "real_crops": 64},
     "prior": {"n_masks": 96},
     "pix2pix": {"epochs": 20, "epochs_decay": 10, "batch_size": 4, "steps_per_epoch": 10, "eval_every": 10,
                 "eval_images": 16, **_LIGHT_GENERATOR},

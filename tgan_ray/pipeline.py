@@ -126,26 +126,52 @@ class Pipeline:
         uris = list_stack(self.images, self.cfg.storage)
         ems, skipped = load_stack(uris, self.cfg.storage, min_images=max(d.min_images, d.subset1_size + 1))
         sidecar = _sidecar_pixel_size(uris[0]) if uris else None
+        normalised = [normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile) for em in ems]
+        stack_scale = self._stack_scale(normalised)
         frames, seen = [], set()
         (self.run_dir / "work").mkdir(exist_ok=True)
-        for em in ems:
+        for em, norm in zip(ems, normalised):
             stem = Path(em.source).stem
             while stem in seen:  # two folders with the same file name
                 stem += "_"
             seen.add(stem)
-            norm = normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile)
-            scale = working_scale(norm.shape, d)
+            scale = working_scale(norm.shape, self.data_cfg_for(stack_scale))
             np.save(self.run_dir / "work" / f"{stem}.npy", to_working(norm, scale).astype(np.float16))
             pixel = d.pixel_size_nm or em.pixel_size_nm or sidecar
             frames.append({"stem": stem, "source": em.source, "shape": list(norm.shape), "scale": scale,
                            "pixel_size_nm": pixel})
         split = split_stack([f["stem"] for f in frames], d.subset1_size, d.test_fraction, d.seed)
-        out = {"frames": frames, "skipped": [list(s) for s in skipped],
+        out = {"frames": frames, "skipped": [list(s) for s in skipped], "scale": stack_scale,
                "subset1": split.subset1, "subset2": split.subset2, "test": split.test}
         write_json(self.run_dir / "stack.json", out)
         self.log(f"   {len(frames)} images ({len(skipped)} unreadable): subset 1 = {len(split.subset1)}, "
                  f"subset 2 = {len(split.subset2)}, test = {len(split.test)}")
         return out
+
+    def _stack_scale(self, frames: list[np.ndarray]) -> float:
+        """One working scale for the whole stack (so real size differences between frames survive).
+
+        With ``data.target_particle_px`` the stack is rescaled until its median particle diameter, found by
+        scale-space blob detection, is that many px: magnification varies from stack to stack.
+        """
+        d = self.cfg.data
+        if d.resize_mode != "tile" or not d.target_particle_px:
+            return d.scale
+        from tgan_ray.masks import ClassicalSegmenter
+
+        seg = ClassicalSegmenter(self.cfg.rough.particle_contrast)
+        diameter = 2 * float(np.median([seg.estimate_scale(f) for f in frames]))
+        scale = float(np.clip(d.target_particle_px / diameter, 1 / 16, 4))
+        self.log(f"   median particle diameter {diameter:.1f} px: working scale {scale:.3g}")
+        return scale
+
+    def data_cfg_for(self, scale: float):
+        """The data settings with the stack's resolved scale: what inference on new frames must reuse."""
+        return self.cfg.data.model_copy(update={"scale": scale, "target_particle_px": None})
+
+    @property
+    def data_cfg(self):
+        return self.data_cfg_for(self.manifest.outputs("stack")["scale"])
 
     # -- step 2: rough masks -------------------------------------------------------------------------------------
     def step_rough(self, stack: dict, rnd: int) -> dict[str, Any]:
@@ -158,7 +184,7 @@ class Pipeline:
             from tgan_ray.inference import Segmenter
 
             model = self.seed_model if rnd == 1 else self.run_dir / f"round{rnd - 1}" / "npssegnet.pt"
-            seg = Segmenter(model, self.cfg.data, self.cfg.segmenter)
+            seg = Segmenter(model, self.data_cfg, self.cfg.segmenter)
             segment = seg.segment_working
         stems = stack["subset1"]
         masks = [segment(self._work(s)) for s in stems]
@@ -272,7 +298,7 @@ class Pipeline:
         model, _ = load_segmenter(result.model_path)
         path = self.run_dir / f"round{rnd}" / "npssegnet.pt"
         save_segmenter(model, path, meta={
-            "data": self.cfg.data.model_dump(mode="json"), "round": rnd,
+            "data": self.data_cfg.model_dump(mode="json"), "round": rnd,
             "val_miou": float(result.metrics.get("val/miou", float("nan"))),
             "source_run": str(self.run_dir.resolve()),
         })
@@ -283,7 +309,7 @@ class Pipeline:
         from tgan_ray.inference import Segmenter
         from tgan_ray.io import load_stack, normalize_intensity, write_mask_png
 
-        segmenter = Segmenter(seg["model"], self.cfg.data, self.cfg.segmenter)
+        segmenter = Segmenter(seg["model"], self.data_cfg, self.cfg.segmenter)
         out = self.run_dir / "masks"
         out.mkdir(exist_ok=True)
         d = self.cfg.data
