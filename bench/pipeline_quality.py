@@ -24,8 +24,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def score(pred_masks: dict[str, np.ndarray], gt_dir: Path) -> dict[str, float]:
     from tgan_ray.metrics.segmentation import aggregate, segmentation_scores
 
-    rows = [segmentation_scores(pred, np.asarray(Image.open(gt_dir / f"{stem}.png")) > 127)
-            for stem, pred in pred_masks.items()]
+    rows = [
+        segmentation_scores(pred, np.asarray(Image.open(gt_dir / f"{stem}.png")) > 127)
+        for stem, pred in pred_masks.items()
+    ]
     agg = aggregate(rows)
     return {k: agg[k] for k in ("miou", "iou", "precision", "recall", "f1")}
 
@@ -39,22 +41,32 @@ def main() -> None:
     ap.add_argument("--modality", default="haadf", help="haadf | bf-tem.")
     ap.add_argument("--preset", default="quick", help="Config preset.")
     ap.add_argument("--set", action="append", default=[], help="Config override key=value (repeatable).")
-    ap.add_argument("--smoke-test", action="store_true", help="Tiny stack and epochs: checks the script runs.")
+    ap.add_argument(
+        "--smoke-test", action="store_true", help="Tiny stack and epochs: checks the script runs."
+    )
     args = ap.parse_args()
 
     import yaml
 
     from tgan_ray.config import load_config
     from tgan_ray.data.synthetic import make_stack
-    from tgan_ray.io import read_image, normalize_intensity
+    from tgan_ray.io import normalize_intensity, read_image
     from tgan_ray.masks import ClassicalSegmenter
     from tgan_ray.pipeline import run_pipeline
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     if args.smoke_test:
         args.n, args.size = 6, 128
-        overrides.update({"pix2pix.epochs": 2, "pix2pix.epochs_decay": 0, "cyclegan.epochs": 1, "cyclegan.epochs_decay": 0,
-                          "segmenter.epochs": 2, "prior.n_masks": 24})
+        overrides.update(
+            {
+                "pix2pix.epochs": 2,
+                "pix2pix.epochs_decay": 0,
+                "cyclegan.epochs": 1,
+                "cyclegan.epochs_decay": 0,
+                "segmenter.epochs": 2,
+                "prior.n_masks": 24,
+            }
+        )
     cfg = load_config(args.preset, overrides=overrides)
     out = Path(args.out)
     stack = out / "stack"
@@ -71,14 +83,20 @@ def main() -> None:
     minutes = (time.time() - t) / 60
     label_free = {s: np.asarray(Image.open(out / "run" / "masks" / f"{s}.png")) > 127 for s in rough_masks}
 
-    rows = {"(a) rough segmenter (classical)": score(rough_masks, stack / "masks"),
-            "(b) label-free NPsSegNet": score(label_free, stack / "masks")}
-    print(f"\n{args.modality} stack: {args.n} x {args.size} px, SNR {args.snr}, hard; preset {args.preset}; "
-          f"pipeline {minutes:.1f} min")
+    rows = {
+        "(a) rough segmenter (classical)": score(rough_masks, stack / "masks"),
+        "(b) label-free NPsSegNet": score(label_free, stack / "masks"),
+    }
+    print(
+        f"\n{args.modality} stack: {args.n} x {args.size} px, SNR {args.snr}, hard; preset {args.preset}; "
+        f"pipeline {minutes:.1f} min"
+    )
     print("| segmenter | MIoU | particle IoU | object precision | object recall | object F1 |")
     print("|---|---|---|---|---|---|")
     for name, s in rows.items():
-        print(f"| {name} | {s['miou']:.3f} | {s['iou']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} |")
+        print(
+            f"| {name} | {s['miou']:.3f} | {s['iou']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} |"
+        )
     (out / "quality.json").write_text(json.dumps(rows, indent=2))
 
 

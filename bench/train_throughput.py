@@ -25,7 +25,11 @@ def plain_loop(stage: str, cfg, data: dict, steps: int, device: torch.device, bf
 
     batch = getattr(cfg, stage).batch_size
     cl = device.type == "cuda"
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast("cpu", enabled=False))
+    amp = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if bf16
+        else (lambda: torch.autocast("cpu", enabled=False))
+    )
     x = torch.from_numpy(data["images"][:batch])[:, None].to(device)
     m = torch.from_numpy(data["masks"][:batch]).to(device)
     if cl:
@@ -74,25 +78,46 @@ def ray_loop(stage: str, cfg, data: dict, steps: int, tmp: str) -> float:
 
     n_val = 4
     if stage == "cyclegan":
-        arrays = {"train_a": data["images"], "train_b": data["images"][::-1].copy(), "val_a": data["images"][:n_val],
-                  "val_b": data["images"][:n_val]}
+        arrays = {
+            "train_a": data["images"],
+            "train_b": data["images"][::-1].copy(),
+            "val_a": data["images"][:n_val],
+            "val_b": data["images"][:n_val],
+        }
     elif stage == "pix2pix":
-        arrays = {"train_images": data["images"], "train_masks": data["masks"],
-                  "val_masks": data["masks"][:n_val].astype(np.float32), "val_images": data["images"][:n_val]}
+        arrays = {
+            "train_images": data["images"],
+            "train_masks": data["masks"],
+            "val_masks": data["masks"][:n_val].astype(np.float32),
+            "val_images": data["images"][:n_val],
+        }
     else:
-        arrays = {"train_images": data["images"], "train_masks": data["masks"], "val_images": data["images"][:n_val],
-                  "val_masks": data["masks"][:n_val]}
+        arrays = {
+            "train_images": data["images"],
+            "train_masks": data["masks"],
+            "val_images": data["images"][:n_val],
+            "val_masks": data["masks"][:n_val],
+        }
     sc = getattr(cfg, stage)
-    sc = sc.model_copy(update={"steps_per_epoch": steps, **({"epochs": 3, "epochs_decay": 0, "eval_every": 3}
-                                                          if stage != "segmenter" else {"epochs": 3, "val_every": 3})})
+    sc = sc.model_copy(
+        update={
+            "steps_per_epoch": steps,
+            **(
+                {"epochs": 3, "epochs_decay": 0, "eval_every": 3}
+                if stage != "segmenter"
+                else {"epochs": 3, "val_every": 3}
+            ),
+        }
+    )
     from tgan_ray.tracking import Tracker
 
     parent = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench").start_child(f"bench-{stage}")
     result = train_stage(stage, sc, arrays, cfg, tmp, parent, name=f"bench-{stage}-{time.time_ns()}")
     from mlflow.tracking import MlflowClient
 
-    hist = MlflowClient(f"sqlite:///{tmp}/mlflow.db").get_metric_history(result.extra["mlflow_run_id"],
-                                                                          "train/images_per_s")
+    hist = MlflowClient(f"sqlite:///{tmp}/mlflow.db").get_metric_history(
+        result.extra["mlflow_run_id"], "train/images_per_s"
+    )
     values = [h.value for h in sorted(hist, key=lambda h: h.step)][1:]  # drop the warm-up epoch
     return float(np.median(values))
 
@@ -104,7 +129,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="Steps per timed epoch.")
     ap.add_argument("--preset", default="paper", help="Config preset for models and batch sizes.")
     ap.add_argument("--batch", type=int, default=None, help="Batch size override for every stage.")
-    ap.add_argument("--smoke-test", action="store_true", help="Tiny models and images: checks the script runs.")
+    ap.add_argument(
+        "--smoke-test", action="store_true", help="Tiny models and images: checks the script runs."
+    )
     args = ap.parse_args()
 
     import tempfile
@@ -127,8 +154,10 @@ def main() -> None:
     init_ray(cfg.ray)
     rng = np.random.default_rng(0)
     n = 64
-    data = {"images": rng.random((n, args.size, args.size), dtype=np.float32),
-            "masks": (rng.random((n, args.size, args.size)) > 0.8).astype(np.uint8)}
+    data = {
+        "images": rng.random((n, args.size, args.size), dtype=np.float32),
+        "masks": (rng.random((n, args.size, args.size)) > 0.8).astype(np.uint8),
+    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages.split(","):
@@ -136,7 +165,9 @@ def main() -> None:
             ray_ips = ray_loop(stage, cfg, data, args.steps, tmp)
             rows.append((stage, getattr(cfg, stage).batch_size, plain, ray_ips))
     name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
-    print(f"\ndevice: {name}; {args.size}x{args.size}; precision: {'bf16 + channels_last' if cuda else 'fp32'}")
+    print(
+        f"\ndevice: {name}; {args.size}x{args.size}; precision: {'bf16 + channels_last' if cuda else 'fp32'}"
+    )
     print("| stage | batch | plain PyTorch (img/s) | Ray Train, 1 worker (img/s) | Ray / plain |")
     print("|---|---|---|---|---|")
     for stage, batch, plain, ray_ips in rows:

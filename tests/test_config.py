@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from tgan_ray.config import ConfigError, PRESETS, load_config, save_config
+from tgan_ray.config import PRESETS, ConfigError, load_config, save_config
 
 
 def test_paper_defaults_are_the_papers_hyperparameters():
@@ -11,11 +11,24 @@ def test_paper_defaults_are_the_papers_hyperparameters():
     assert cfg.data.image_size == 512 and cfg.data.subset1_size == 5 and cfg.data.test_fraction == 0.2
     s = cfg.segmenter
     assert (s.arch, s.encoder, s.encoder_weights) == ("unetplusplus", "resnet34", None)
-    assert (s.lr, s.weight_decay, s.lr_step, s.lr_gamma, s.epochs, s.batch_size) == (3e-4, 5e-4, 5, 0.9, 150, 4)
+    assert (s.lr, s.weight_decay, s.lr_step, s.lr_gamma, s.epochs, s.batch_size) == (
+        3e-4,
+        5e-4,
+        5,
+        0.9,
+        150,
+        4,
+    )
     assert s.focal_alpha == 0.25
     for gan in (cfg.pix2pix, cfg.cyclegan):
         assert (gan.epochs, gan.epochs_decay, gan.batch_size, gan.lr_g, gan.beta1, gan.beta2) == (
-            100, 50, 4, 2e-4, 0.5, 0.999)
+            100,
+            50,
+            4,
+            2e-4,
+            0.5,
+            0.999,
+        )
         assert gan.gan_mode == "lsgan" and gan.generator_encoder_weights is None
     assert cfg.pix2pix.lambda_l1 == 10 and cfg.cyclegan.lambda_cycle == 10 and cfg.cyclegan.pool_size == 50
 

@@ -1,7 +1,6 @@
 """`tgan run` end to end on a tiny synthetic stack, including a crash between steps and the resume after it."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -45,14 +45,29 @@ def _state(result) -> dict:
 
 
 def test_pix2pix_two_gloo_workers_reports_kid_checkpoint(ray_local, tmp_path):
-    cfg = _cfg(tmp_path, **{"ray.num_workers": 2, "pix2pix.epochs": 1, "pix2pix.epochs_decay": 1,
-                            "pix2pix.steps_per_epoch": 2, "pix2pix.eval_every": 1, "pix2pix.batch_size": 2})
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "ray.num_workers": 2,
+            "pix2pix.epochs": 1,
+            "pix2pix.epochs_decay": 1,
+            "pix2pix.steps_per_epoch": 2,
+            "pix2pix.eval_every": 1,
+            "pix2pix.batch_size": 2,
+        },
+    )
     images, masks = _discs(8)
     result = train_stage(
-        "pix2pix", cfg.pix2pix,
-        {"train_images": images, "train_masks": masks, "val_masks": masks[:6].astype(np.float32),
-         "val_images": images[:6]},
-        cfg, tmp_path / "run",
+        "pix2pix",
+        cfg.pix2pix,
+        {
+            "train_images": images,
+            "train_masks": masks,
+            "val_masks": masks[:6].astype(np.float32),
+            "val_images": images[:6],
+        },
+        cfg,
+        tmp_path / "run",
     )
     assert (Path(result.checkpoint_path) / CHECKPOINT_MODEL).is_file()
     assert np.isfinite(result.metrics["val/kid_random-resnet18"])
@@ -65,7 +80,12 @@ def test_pix2pix_two_gloo_workers_reports_kid_checkpoint(ray_local, tmp_path):
 
 def test_segmenter_learns_logs_to_mlflow_and_resumes(ray_local, tmp_path):
     images, masks = _discs(24)
-    data = {"train_images": images[4:], "train_masks": masks[4:], "val_images": images[:4], "val_masks": masks[:4]}
+    data = {
+        "train_images": images[4:],
+        "train_masks": masks[4:],
+        "val_images": images[:4],
+        "val_masks": masks[:4],
+    }
     parent = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "test").start_child("parent")
     cfg = _cfg(tmp_path, **{"segmenter.epochs": 4, "segmenter.steps_per_epoch": 5, "segmenter.batch_size": 4})
     first = train_stage("segmenter", cfg.segmenter, data, cfg, tmp_path / "run", parent, name="seg")
@@ -74,15 +94,21 @@ def test_segmenter_learns_logs_to_mlflow_and_resumes(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    losses = [m.value for m in sorted(client.get_metric_history(first.extra["mlflow_run_id"], "train/loss"),
-                                      key=lambda m: m.step)]
+    losses = [
+        m.value
+        for m in sorted(
+            client.get_metric_history(first.extra["mlflow_run_id"], "train/loss"), key=lambda m: m.step
+        )
+    ]
     assert len(losses) == 4 and losses[-1] < losses[0]
     child = client.get_run(first.extra["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == parent.run_id
     assert first.metrics["val/miou"] > 0.5
 
     # Same run name, more epochs: continues from the stored checkpoint instead of starting over.
-    cfg2 = _cfg(tmp_path, **{"segmenter.epochs": 6, "segmenter.steps_per_epoch": 5, "segmenter.batch_size": 4})
+    cfg2 = _cfg(
+        tmp_path, **{"segmenter.epochs": 6, "segmenter.steps_per_epoch": 5, "segmenter.batch_size": 4}
+    )
     second = train_stage("segmenter", cfg2.segmenter, data, cfg2, tmp_path / "run", parent, name="seg")
     state = torch.load(Path(second.latest_checkpoint_path) / CHECKPOINT_STATE, weights_only=True)
     assert state["starts"] == [0, 4] and state["epoch"] == 5
@@ -90,11 +116,21 @@ def test_segmenter_learns_logs_to_mlflow_and_resumes(ray_local, tmp_path):
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
     images, masks = _discs(12)
-    data = {"train_images": images[2:], "train_masks": masks[2:], "val_images": images[:2], "val_masks": masks[:2]}
+    data = {
+        "train_images": images[2:],
+        "train_masks": masks[2:],
+        "val_images": images[:2],
+        "val_masks": masks[:2],
+    }
     cfg = _cfg(tmp_path, **{"segmenter.epochs": 3, "segmenter.steps_per_epoch": 2, "segmenter.batch_size": 4})
     marker = tmp_path / "killed-once"
     result = train_stage(
-        "segmenter", cfg.segmenter, data, cfg, tmp_path / "run", name="seg-fault",
+        "segmenter",
+        cfg.segmenter,
+        data,
+        cfg,
+        tmp_path / "run",
+        name="seg-fault",
         extra_config={"fault_injection": {"epoch": 2, "marker": str(marker)}},
     )
     assert marker.exists(), "the worker was never killed"

@@ -21,19 +21,37 @@ def test_invalid_search_space_is_rejected_before_any_trial():
         validate_space("pix2pix", {"lr_g": {"uniform": [1e-3, 1e-4]}}, base)
     with pytest.raises(ConfigError, match="batch_size=0"):
         validate_space("pix2pix", {"batch_size": {"choice": [4, 0]}}, base)
-    validate_space("pix2pix", {"lr_g": {"loguniform": [1e-5, 1e-3]}, "discriminator_layers": {"choice": [2, 3]}}, base)
+    validate_space(
+        "pix2pix", {"lr_g": {"loguniform": [1e-5, 1e-3]}, "discriminator_layers": {"choice": [2, 3]}}, base
+    )
 
 
 def test_two_trial_asha_campaign_returns_best_checkpoint_and_logs_children(tmp_path, ray_local):
     stack = make_stack(tmp_path / "stack", n=5, modality="haadf", size=96, seed=2)
-    cfg = load_config("quick", overrides={
-        "data.real_crops": 12, "prior.n_masks": 12,
-        "pix2pix.epochs": 2, "pix2pix.epochs_decay": 0, "pix2pix.steps_per_epoch": 2, "pix2pix.eval_every": 1,
-        "pix2pix.eval_images": 8, "ray.cpus_per_worker": 0.5,
-    })
+    cfg = load_config(
+        "quick",
+        overrides={
+            "data.real_crops": 12,
+            "prior.n_masks": 12,
+            "pix2pix.epochs": 2,
+            "pix2pix.epochs_decay": 0,
+            "pix2pix.steps_per_epoch": 2,
+            "pix2pix.eval_every": 1,
+            "pix2pix.eval_images": 8,
+            "ray.cpus_per_worker": 0.5,
+        },
+    )
     space = {"lr_g": {"choice": [1e-4, 5e-4]}, "lambda_l1": {"choice": [5.0, 20.0]}}
-    result = run_campaign("pix2pix", str(stack / "images"), cfg, tmp_path / "campaign", num_samples=2,
-                          scheduler="asha", space=space, log=lambda m: None)
+    result = run_campaign(
+        "pix2pix",
+        str(stack / "images"),
+        cfg,
+        tmp_path / "campaign",
+        num_samples=2,
+        scheduler="asha",
+        space=space,
+        log=lambda m: None,
+    )
     assert len(result.trials) == 2
     scores = [t["score"] for t in result.trials]
     assert result.best_score == pytest.approx(min(scores))

@@ -1,15 +1,15 @@
 """The ``tgan`` command. Commands only parse options and call library functions.
 
-    tgan demo                                   # synthetic HAADF stack -> masks + PSD report, quick preset
-    tgan run --images stack/ --out runs/r1      # your own stack (folder, glob or s3://bucket/prefix)
-    tgan synth --out synth/ --modality bf-tem   # a synthetic stack with exact ground-truth masks
+tgan demo                                   # synthetic HAADF stack -> masks + PSD report, quick preset
+tgan run --images stack/ --out runs/r1      # your own stack (folder, glob or s3://bucket/prefix)
+tgan synth --out synth/ --modality bf-tem   # a synthetic stack with exact ground-truth masks
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,10 +20,12 @@ app = typer.Typer(
     add_completion=False,
 )
 
-Preset = Annotated[str, typer.Option("--preset", help="Defaults: paper (the paper's hyperparameters) | quick (CPU).")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file overriding preset values.")]
+Preset = Annotated[
+    str, typer.Option("--preset", help="Defaults: paper (the paper's hyperparameters) | quick (CPU).")
+]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML file overriding preset values.")]
 Sets = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override one field, e.g. --set segmenter.epochs=20 (repeatable)."),
 ]
 
@@ -60,18 +62,29 @@ def _user_errors():
     from tgan_ray.masks import NoParticlesError
     from tgan_ray.pipeline import PipelineError
 
-    return (ConfigError, ImageReadError, StackError, StorageError, NoParticlesError, PipelineError,
-            FileNotFoundError)
+    return (
+        ConfigError,
+        ImageReadError,
+        StackError,
+        StorageError,
+        NoParticlesError,
+        PipelineError,
+        FileNotFoundError,
+    )
 
 
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Folder to write images/, masks/ and pixel_size.json.")],
-    modality: Annotated[str, typer.Option(help="haadf (bright particles) | bf-tem (dark particles).")] = "haadf",
+    modality: Annotated[
+        str, typer.Option(help="haadf (bright particles) | bf-tem (dark particles).")
+    ] = "haadf",
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 8,
     size: Annotated[int, typer.Option(help="Image side in px.")] = 512,
     snr: Annotated[float, typer.Option(help="Signal-to-noise ratio; 2 is hard, 10 is easy.")] = 6.0,
-    hard: Annotated[bool, typer.Option(help="Thick, uneven support and defocus: a global threshold fails.")] = False,
+    hard: Annotated[
+        bool, typer.Option(help="Thick, uneven support and defocus: a global threshold fails.")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Write a synthetic EM stack with exact ground-truth masks."""
@@ -90,14 +103,18 @@ def run(
     preset: Preset = "paper",
     config: ConfigFile = None,
     particle_contrast: Annotated[
-        Optional[str], typer.Option(help="bright (HAADF) | dark (BF-TEM) | auto.")
+        str | None, typer.Option(help="bright (HAADF) | dark (BF-TEM) | auto.")
     ] = None,
     seed_model: Annotated[
-        Optional[str], typer.Option(help="NPsSegNet checkpoint used as the step-2 segmenter (domain transfer).")
+        str | None, typer.Option(help="NPsSegNet checkpoint used as the step-2 segmenter (domain transfer).")
     ] = None,
-    pixel_size_nm: Annotated[Optional[float], typer.Option(help="Pixel size in nm (overrides metadata).")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="Adaptation rounds (repeat steps 2-8).")] = None,
-    tuned: Annotated[Optional[Path], typer.Option(help="A Tune campaign folder whose best settings to use.")] = None,
+    pixel_size_nm: Annotated[
+        float | None, typer.Option(help="Pixel size in nm (overrides metadata).")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Adaptation rounds (repeat steps 2-8).")] = None,
+    tuned: Annotated[
+        Path | None, typer.Option(help="A Tune campaign folder whose best settings to use.")
+    ] = None,
     set_: Sets = None,
 ) -> None:
     """Run steps 1-8 on an unlabelled stack: masks, particles.csv, summary.json and report.html."""
@@ -127,8 +144,9 @@ def _run(images, out, cfg, seed_model=None):
     unit = s.get("unit") or "px"
     mean = s.get("mean")
     typer.secho(
-        f"done: {s.get('count')} particles, mean diameter "
-        f"{mean:.2f} {unit}" if mean is not None else f"done: {s.get('count')} particles",
+        f"done: {s.get('count')} particles, mean diameter {mean:.2f} {unit}"
+        if mean is not None
+        else f"done: {s.get('count')} particles",
         fg=typer.colors.GREEN,
     )
     typer.echo(f"report: {result.report}\nmasks: {result.run_dir / 'masks'}\nsegmenter: {result.segmenter}")
@@ -160,8 +178,12 @@ def tune(
     out: Annotated[Path, typer.Option("--out", help="Campaign folder (campaign.json holds the winner).")],
     num_samples: Annotated[int, typer.Option("--num-samples", help="Trials to run.")] = 4,
     scheduler: Annotated[str, typer.Option(help="asha (stop weak trials early) | fifo.")] = "asha",
-    space: Annotated[Optional[Path], typer.Option(help="YAML search space: field: {choice|loguniform|uniform: [...]}.")] = None,
-    max_concurrent: Annotated[int, typer.Option(help="Trials at once (each takes its workers' CPUs/GPUs).")] = 1,
+    space: Annotated[
+        Path | None, typer.Option(help="YAML search space: field: {choice|loguniform|uniform: [...]}.")
+    ] = None,
+    max_concurrent: Annotated[
+        int, typer.Option(help="Trials at once (each takes its workers' CPUs/GPUs).")
+    ] = 1,
     preset: Preset = "paper",
     config: ConfigFile = None,
     set_: Sets = None,
@@ -172,13 +194,138 @@ def tune(
 
     cfg = _config(preset, config, _parse_sets(set_))
     try:
-        result = run_campaign(stage, images, cfg, out, num_samples, scheduler, load_space(space, stage)
-                              if stage in ("pix2pix", "cyclegan") else None, max_concurrent,
-                              log=lambda m: typer.echo(m))
+        result = run_campaign(
+            stage,
+            images,
+            cfg,
+            out,
+            num_samples,
+            scheduler,
+            load_space(space, stage) if stage in ("pix2pix", "cyclegan") else None,
+            max_concurrent,
+            log=lambda m: typer.echo(m),
+        )
     except (ConfigError, *_user_errors()) as exc:
         _fail(str(exc))
     typer.secho(f"best KID {result.best_score:.4g}: {result.best_overrides}", fg=typer.colors.GREEN)
     typer.echo(f"use it: tgan run --images {images} --out <run> --tuned {out}")
+
+
+@app.command()
+def ablate(
+    images: Annotated[str, typer.Option("--images", help="Stack: a folder, a glob or s3://bucket/prefix.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for ablation.csv / .json / .png.")],
+    sizes: Annotated[
+        str, typer.Option(help="pix2pix subset sizes, comma-separated; 'all' = every image.")
+    ] = "5,10,20,40,all",
+    preset: Preset = "paper",
+    config: ConfigFile = None,
+    set_: Sets = None,
+) -> None:
+    """The paper's Figure 3 on your data: pix2pix on growing subsets vs pix2pix(5) + CycleGAN, by FID/KID/IS/SSIM/PSNR."""
+    from tgan_ray.ablation import run_ablation
+
+    cfg = _config(preset, config, _parse_sets(set_))
+    try:
+        parsed = tuple(None if s.strip() == "all" else int(s) for s in sizes.split(","))
+    except ValueError:
+        _fail(f"--sizes must be whole numbers or 'all', got {sizes!r}")
+    try:
+        table = run_ablation(images, out, cfg, parsed, log=lambda m: typer.echo(m))
+    except _user_errors() as exc:
+        _fail(str(exc))
+    typer.echo(table.to_string(index=False))
+    typer.echo(f"table and plot: {out}/ablation.csv, {out}/ablation.png")
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[
+        Path, typer.Option("--run", help="A finished `tgan run` folder (its prior and GANs).")
+    ],
+    out: Annotated[str, typer.Option("--out", help="Output folder or s3://bucket/prefix.")],
+    n: Annotated[int, typer.Option("--n", help="Virtual (image, mask) pairs to make.")] = 1000,
+    preset: Preset = "paper",
+    config: ConfigFile = None,
+    set_: Sets = None,
+) -> None:
+    """Generate a virtual labelled dataset at scale with Ray Data (re-running completes what is missing)."""
+    from tgan_ray.generate import generate_from_run
+
+    cfg = _config(preset, config, _parse_sets(set_))
+    try:
+        result = generate_from_run(run_dir, n, out, cfg)
+    except (ValueError, *_user_errors()) as exc:
+        _fail(str(exc))
+    typer.secho(f"done: {result}", fg=typer.colors.GREEN)
+
+
+@app.command()
+def segment(
+    model: Annotated[
+        str, typer.Option("--model", help="NPsSegNet checkpoint: path, s3:// or models:/name/version.")
+    ],
+    images: Annotated[str, typer.Option("--images", help="Stack: a folder, a glob or s3://bucket/prefix.")],
+    out: Annotated[str, typer.Option("--out", help="Output folder or s3://bucket/prefix.")],
+    preset: Preset = "paper",
+    config: ConfigFile = None,
+    set_: Sets = None,
+) -> None:
+    """Segment a whole stack with Ray Data: masks, particles.parquet, images.parquet and summary.json."""
+    from tgan_ray.model_uri import resolve_model_uri
+    from tgan_ray.segment import segment_stack
+
+    cfg = _config(preset, config, _parse_sets(set_))
+    try:
+        result = segment_stack(resolve_model_uri(model, cfg), images, out, cfg)
+    except (ValueError, *_user_errors()) as exc:
+        _fail(str(exc))
+    typer.secho(f"done: {result}", fg=typer.colors.GREEN)
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str, typer.Option("--model", help="NPsSegNet checkpoint: path, s3:// or models:/name/version.")
+    ],
+    preset: Preset = "paper",
+    config: ConfigFile = None,
+    set_: Sets = None,
+) -> None:
+    """Serve the segmenter over HTTP (POST /v1/segment; GET /v1/healthz, /v1/model, /docs) until Ctrl-C."""
+    from tgan_ray.serve import serve_model
+
+    cfg = _config(preset, config, _parse_sets(set_))
+    try:
+        serve_model(model, cfg, blocking=True)
+    except (ValueError, *_user_errors()) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def watch(
+    folder: Annotated[Path, typer.Argument(help="The microscope's output folder.")],
+    endpoint: Annotated[
+        str, typer.Option("--endpoint", help="The `tgan serve` URL, e.g. http://127.0.0.1:8000.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Live CSV, PSD plot and summary (default <folder>/tgan-watch)."),
+    ] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between folder scans.")] = 1.0,
+    pixel_size_nm: Annotated[
+        float | None, typer.Option(help="Pixel size in nm when the files carry none.")
+    ] = None,
+) -> None:
+    """Send each new, fully written frame to the endpoint once; keep a live particle CSV, PSD plot and drift summary."""
+    from tgan_ray.watch import watch_folder
+
+    try:
+        watch_folder(folder, endpoint, out, interval=interval, pixel_size_nm=pixel_size_nm, log=typer.echo)
+    except (ValueError, NotADirectoryError, *_user_errors()) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("stopped")
 
 
 @app.command("config")

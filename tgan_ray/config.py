@@ -34,24 +34,41 @@ class DataConfig(_Section):
         "resize", description="How real images reach image_size: 'resize' the whole frame, or cut 'tile's."
     )
     scale: float = Field(
-        1.0, gt=0, le=4, description="Tile mode: factor from original to working pixels (0.5 halves each side)."
+        1.0,
+        gt=0,
+        le=4,
+        description="Tile mode: factor from original to working pixels (0.5 halves each side).",
     )
     target_particle_px: float | None = Field(
-        None, gt=2, description="Tile mode: rescale the stack so its median particle diameter is this many px "
-        "(scale estimated from the images by scale-space blob detection; overrides data.scale). None: use scale."
+        None,
+        gt=2,
+        description="Tile mode: rescale the stack so its median particle diameter is this many px "
+        "(scale estimated from the images by scale-space blob detection; overrides data.scale). None: use scale.",
     )
     real_crops: int = Field(
-        64, ge=1, description="Crops of real frames drawn for GAN training (pix2pix pairs, CycleGAN domain B)."
+        64,
+        ge=1,
+        description="Crops of real frames drawn for GAN training (pix2pix pairs, CycleGAN domain B).",
     )
-    subset1_size: int = Field(5, ge=1, description="Images in subset 1, the rough-mask pix2pix set (paper: 5).")
-    test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Held-out fraction (paper: train:test 4:1).")
+    subset1_size: int = Field(
+        5, ge=1, description="Images in subset 1, the rough-mask pix2pix set (paper: 5)."
+    )
+    test_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Held-out fraction (paper: train:test 4:1)."
+    )
     min_images: int = Field(2, ge=1, description="Fewest usable images a stack may have.")
     seed: int = Field(0, description="Seed for splits, sampling and training.")
     norm_low_percentile: float = Field(0.5, ge=0, lt=50, description="Intensity mapped to 0 (robust min).")
-    norm_high_percentile: float = Field(99.5, gt=50, le=100, description="Intensity mapped to 1 (robust max).")
-    augment: bool = Field(True, description="Paper augmentation: Flip, ShiftScaleRotate, GaussNoise, p=0.5 each.")
+    norm_high_percentile: float = Field(
+        99.5, gt=50, le=100, description="Intensity mapped to 1 (robust max)."
+    )
+    augment: bool = Field(
+        True, description="Paper augmentation: Flip, ShiftScaleRotate, GaussNoise, p=0.5 each."
+    )
     pixel_size_nm: float | None = Field(
-        None, gt=0, description="Pixel size in nm; overrides file metadata. None: use metadata, else report px."
+        None,
+        gt=0,
+        description="Pixel size in nm; overrides file metadata. None: use metadata, else report px.",
     )
     num_loader_workers: int = Field(0, ge=0, description="torch DataLoader workers per training worker.")
 
@@ -72,7 +89,9 @@ class RoughMaskConfig(_Section):
     particle_contrast: Literal["bright", "dark", "auto"] = Field(
         "auto", description="Particles brighter (HAADF) or darker (BF-TEM) than the support, or detect."
     )
-    seed_model: str | None = Field(None, description="NPsSegNet checkpoint (path, s3:// or models:/) for 'model'.")
+    seed_model: str | None = Field(
+        None, description="NPsSegNet checkpoint (path, s3:// or models:/) for 'model'."
+    )
     sam_checkpoint: str | None = Field(None, description="Local Segment Anything weights for 'sam'.")
     min_particle_px: int = Field(12, ge=1, description="Smallest particle area kept, px (at working scale).")
     confidence: float = Field(
@@ -151,7 +170,9 @@ class SegmenterConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray instance.")
     num_workers: int = Field(1, ge=0, description="Ray Train workers (DDP ranks); 0 runs in-process.")
-    use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="GPU workers: auto uses them if present.")
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto", description="GPU workers: auto uses them if present."
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Train worker (fractions allowed).")
     gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per Train worker when GPUs are used.")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: ∞).")
@@ -159,7 +180,9 @@ class RayConfig(_Section):
         None, description="Where Ray Train keeps checkpoints (dir or s3://); None: <run>/ray."
     )
     num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per stage (best by score).")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 CPU.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 CPU."
+    )
     channels_last: bool = Field(True, description="channels_last memory format on GPU.")
 
 
@@ -235,15 +258,42 @@ _LIGHT_GENERATOR = {
     "discriminator_width": 16,
 }
 _QUICK: dict[str, Any] = {
-    "data": {"image_size": 64, "resize_mode": "tile", "target_particle_px": 12, "subset1_size": 3,
-             "test_fraction": 0.2, "real_crops": 64},
+    "data": {
+        "image_size": 64,
+        "resize_mode": "tile",
+        "target_particle_px": 12,
+        "subset1_size": 3,
+        "test_fraction": 0.2,
+        "real_crops": 64,
+    },
     "prior": {"n_masks": 96},
-    "pix2pix": {"epochs": 20, "epochs_decay": 10, "batch_size": 4, "steps_per_epoch": 10, "eval_every": 10,
-                "eval_images": 16, **_LIGHT_GENERATOR},
-    "cyclegan": {"epochs": 8, "epochs_decay": 4, "batch_size": 4, "steps_per_epoch": 10, "eval_every": 4,
-                 "eval_images": 16, "pool_size": 16, **_LIGHT_GENERATOR},
-    "segmenter": {"encoder": "resnet18", "epochs": 12, "batch_size": 8, "steps_per_epoch": 10, "lr": 1e-3,
-                  "val_every": 2},
+    "pix2pix": {
+        "epochs": 20,
+        "epochs_decay": 10,
+        "batch_size": 4,
+        "steps_per_epoch": 10,
+        "eval_every": 10,
+        "eval_images": 16,
+        **_LIGHT_GENERATOR,
+    },
+    "cyclegan": {
+        "epochs": 8,
+        "epochs_decay": 4,
+        "batch_size": 4,
+        "steps_per_epoch": 10,
+        "eval_every": 4,
+        "eval_images": 16,
+        "pool_size": 16,
+        **_LIGHT_GENERATOR,
+    },
+    "segmenter": {
+        "encoder": "resnet18",
+        "epochs": 12,
+        "batch_size": 8,
+        "steps_per_epoch": 10,
+        "lr": 1e-3,
+        "val_every": 2,
+    },
     "ray": {"num_workers": 1, "cpus_per_worker": 1.0},
     "tracking": {"sample_every": 10},
 }
@@ -305,7 +355,9 @@ def load_config(
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(from_file, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(from_file).__name__}")
+            raise ConfigError(
+                f"config file {p} must hold a mapping of sections, got {type(from_file).__name__}"
+            )
         merged = _deep_merge(merged, from_file)
         source = str(p)
     if overrides:

@@ -64,8 +64,13 @@ class Segmenter:
         seg_cfg: inference settings (tile overlap, batch size).
     """
 
-    def __init__(self, model_path: str | Path, data_cfg: DataConfig | None = None,
-                 seg_cfg: SegmenterConfig | None = None, device: str | None = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        data_cfg: DataConfig | None = None,
+        seg_cfg: SegmenterConfig | None = None,
+        device: str | None = None,
+    ):
         from tgan_ray.models.npssegnet import load_segmenter
 
         self.device = pick_device(device)
@@ -100,7 +105,10 @@ class Segmenter:
         from tgan_ray.data.tiling import sliding_window_predict
 
         return sliding_window_predict(
-            self._predict_tiles, work, self.data_cfg.image_size, self.seg_cfg.tile_overlap,
+            self._predict_tiles,
+            work,
+            self.data_cfg.image_size,
+            self.seg_cfg.tile_overlap,
             self.seg_cfg.inference_batch_size,
         )
 

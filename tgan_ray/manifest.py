@@ -32,7 +32,9 @@ class Manifest:
             try:
                 self.data = json.loads(self.path.read_text())
             except json.JSONDecodeError as exc:
-                raise ValueError(f"run manifest {self.path} is corrupt ({exc.msg}); move it away to start over") from None
+                raise ValueError(
+                    f"run manifest {self.path} is corrupt ({exc.msg}); move it away to start over"
+                ) from None
 
     def done(self, step: str) -> bool:
         return self.data["steps"].get(step, {}).get("status") == "done"

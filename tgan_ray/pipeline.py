@@ -69,8 +69,9 @@ def _load_pngs(folder: Path, names: list[str], is_mask: bool = False) -> np.ndar
 class Pipeline:
     """One run folder and the steps that fill it. Each ``step_*`` is skipped when the manifest has it done."""
 
-    def __init__(self, images: str, run_dir: str | Path, cfg: Config, seed_model: str | None = None,
-                 log=print):
+    def __init__(
+        self, images: str, run_dir: str | Path, cfg: Config, seed_model: str | None = None, log=print
+    ):
         self.images, self.cfg, self.seed_model, self.log = images, cfg, seed_model, log
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,9 @@ class Pipeline:
         uris = list_stack(self.images, self.cfg.storage)
         ems, skipped = load_stack(uris, self.cfg.storage, min_images=max(d.min_images, d.subset1_size + 1))
         sidecar = _sidecar_pixel_size(uris[0]) if uris else None
-        normalised = [normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile) for em in ems]
+        normalised = [
+            normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile) for em in ems
+        ]
         stack_scale = self._stack_scale(normalised)
         frames, seen = [], set()
         (self.run_dir / "work").mkdir(exist_ok=True)
@@ -138,14 +141,29 @@ class Pipeline:
             scale = working_scale(norm.shape, self.data_cfg_for(stack_scale))
             np.save(self.run_dir / "work" / f"{stem}.npy", to_working(norm, scale).astype(np.float16))
             pixel = d.pixel_size_nm or em.pixel_size_nm or sidecar
-            frames.append({"stem": stem, "source": em.source, "shape": list(norm.shape), "scale": scale,
-                           "pixel_size_nm": pixel})
+            frames.append(
+                {
+                    "stem": stem,
+                    "source": em.source,
+                    "shape": list(norm.shape),
+                    "scale": scale,
+                    "pixel_size_nm": pixel,
+                }
+            )
         split = split_stack([f["stem"] for f in frames], d.subset1_size, d.test_fraction, d.seed)
-        out = {"frames": frames, "skipped": [list(s) for s in skipped], "scale": stack_scale,
-               "subset1": split.subset1, "subset2": split.subset2, "test": split.test}
+        out = {
+            "frames": frames,
+            "skipped": [list(s) for s in skipped],
+            "scale": stack_scale,
+            "subset1": split.subset1,
+            "subset2": split.subset2,
+            "test": split.test,
+        }
         write_json(self.run_dir / "stack.json", out)
-        self.log(f"   {len(frames)} images ({len(skipped)} unreadable): subset 1 = {len(split.subset1)}, "
-                 f"subset 2 = {len(split.subset2)}, test = {len(split.test)}")
+        self.log(
+            f"   {len(frames)} images ({len(skipped)} unreadable): subset 1 = {len(split.subset1)}, "
+            f"subset 2 = {len(split.subset2)}, test = {len(split.test)}"
+        )
         return out
 
     def _stack_scale(self, frames: list[np.ndarray]) -> float:
@@ -183,7 +201,12 @@ class Pipeline:
         else:
             from tgan_ray.inference import Segmenter
 
-            model = self.seed_model if rnd == 1 else self.run_dir / f"round{rnd - 1}" / "npssegnet.pt"
+            if rnd == 1:
+                from tgan_ray.model_uri import resolve_model_uri
+
+                model = resolve_model_uri(self.seed_model, self.cfg)  # a path, s3:// or models:/name/version
+            else:
+                model = self.run_dir / f"round{rnd - 1}" / "npssegnet.pt"
             seg = Segmenter(model, self.data_cfg, self.cfg.segmenter)
             segment = seg.segment_working
         stems = stack["subset1"]
@@ -202,18 +225,22 @@ class Pipeline:
         masks = [_load_mask(Path(rough["folder"]) / f"{s}.png") for s in stack["subset1"]]
         prior = MorphologyPrior.from_masks(masks)
         size = self.cfg.data.image_size
-        sampled = np.stack([
-            sample_mask_at(prior, size, self.cfg.data.seed + 1000 * rnd, i)[0]
-            for i in range(self.cfg.prior.n_masks)
-        ])
+        sampled = np.stack(
+            [
+                sample_mask_at(prior, size, self.cfg.data.seed + 1000 * rnd, i)[0]
+                for i in range(self.cfg.prior.n_masks)
+            ]
+        )
         ks = compare_to_prior(prior, list(sampled))
         folder = self.run_dir / f"round{rnd}"
         prior.save(folder / "prior.json")
         write_json(folder / "prior_ks.json", ks)
         names = _save_pngs(folder / "virtual" / "masks", sampled, is_mask=True)
         self.tracker.log_metrics({f"round{rnd}/prior_ks_{k}": v for k, v in ks.items() if v is not None})
-        self.log("   KS distance of sampled masks to the prior: "
-                 + ", ".join(f"{k}={v:.3f}" for k, v in ks.items() if v is not None))
+        self.log(
+            "   KS distance of sampled masks to the prior: "
+            + ", ".join(f"{k}={v:.3f}" for k, v in ks.items() if v is not None)
+        )
         return {"prior": str(folder / "prior.json"), "ks": ks, "masks": names}
 
     def _real_crops(self, stems: list[str], n: int, masks_folder: Path | None = None):
@@ -229,7 +256,9 @@ class Pipeline:
         d = self.cfg.data
         images, masks = self._real_crops(stack["subset1"], d.real_crops, Path(rough["folder"]))
         n_val = min(self.cfg.pix2pix.eval_images, len(prior["masks"]))
-        val_masks = _load_pngs(self.run_dir / f"round{rnd}" / "virtual" / "masks", prior["masks"][:n_val], True)
+        val_masks = _load_pngs(
+            self.run_dir / f"round{rnd}" / "virtual" / "masks", prior["masks"][:n_val], True
+        )
         val_real, _ = self._real_crops(stack["subset2"] + stack["test"], max(n_val, 8))
         return {"train_images": images, "train_masks": masks, "val_masks": val_masks, "val_images": val_real}
 
@@ -237,8 +266,15 @@ class Pipeline:
         from tgan_ray.train import train_stage
 
         data = self.pix2pix_data(stack, rough, prior, rnd)
-        result = train_stage("pix2pix", self.cfg.pix2pix, data, self.cfg, self.run_dir, self.tracker,
-                             name=f"round{rnd}-pix2pix")
+        result = train_stage(
+            "pix2pix",
+            self.cfg.pix2pix,
+            data,
+            self.cfg,
+            self.run_dir,
+            self.tracker,
+            name=f"round{rnd}-pix2pix",
+        )
         return result.to_dict()
 
     # -- step 4: 1st generation -----------------------------------------------------------------------------------
@@ -268,14 +304,24 @@ class Pipeline:
     def step_cyclegan(self, stack: dict, gen1: dict, rnd: int) -> dict[str, Any]:
         from tgan_ray.train import train_stage
 
-        result = train_stage("cyclegan", self.cfg.cyclegan, self.cyclegan_data(stack, gen1), self.cfg,
-                             self.run_dir, self.tracker, name=f"round{rnd}-cyclegan")
+        result = train_stage(
+            "cyclegan",
+            self.cfg.cyclegan,
+            self.cyclegan_data(stack, gen1),
+            self.cfg,
+            self.run_dir,
+            self.tracker,
+            name=f"round{rnd}-cyclegan",
+        )
         return result.to_dict()
 
     # -- step 6 is step_gen again (gen1 -> gen2); the virtual dataset's manifest ---------------------------------
     def step_virtual(self, prior: dict, gen2: dict, rnd: int) -> dict[str, Any]:
         virtual = self.run_dir / f"round{rnd}" / "virtual"
-        pairs = [{"image": f"gen2/{n}", "mask": f"masks/{n}", "first_generation": f"gen1/{n}"} for n in prior["masks"]]
+        pairs = [
+            {"image": f"gen2/{n}", "mask": f"masks/{n}", "first_generation": f"gen1/{n}"}
+            for n in prior["masks"]
+        ]
         write_json(virtual / "manifest.json", {"pairs": pairs, "count": len(pairs)})
         return {"manifest": str(virtual / "manifest.json"), "count": len(pairs)}
 
@@ -290,18 +336,31 @@ class Pipeline:
         masks = _load_pngs(virtual / "masks", names, is_mask=True)
         n_val = max(1, round(len(names) * 0.2))  # paper: train:test 4:1
         result = train_stage(
-            "segmenter", self.cfg.segmenter,
-            {"train_images": images[n_val:], "train_masks": masks[n_val:],
-             "val_images": images[:n_val], "val_masks": masks[:n_val]},
-            self.cfg, self.run_dir, self.tracker, name=f"round{rnd}-segmenter",
+            "segmenter",
+            self.cfg.segmenter,
+            {
+                "train_images": images[n_val:],
+                "train_masks": masks[n_val:],
+                "val_images": images[:n_val],
+                "val_masks": masks[:n_val],
+            },
+            self.cfg,
+            self.run_dir,
+            self.tracker,
+            name=f"round{rnd}-segmenter",
         )
         model, _ = load_segmenter(result.model_path)
         path = self.run_dir / f"round{rnd}" / "npssegnet.pt"
-        save_segmenter(model, path, meta={
-            "data": self.data_cfg.model_dump(mode="json"), "round": rnd,
-            "val_miou": float(result.metrics.get("val/miou", float("nan"))),
-            "source_run": str(self.run_dir.resolve()),
-        })
+        save_segmenter(
+            model,
+            path,
+            meta={
+                "data": self.data_cfg.model_dump(mode="json"),
+                "round": rnd,
+                "val_miou": float(result.metrics.get("val/miou", float("nan"))),
+                "source_run": str(self.run_dir.resolve()),
+            },
+        )
         return {**result.to_dict(), "model": str(path)}
 
     # -- step 8: segment the real stack ------------------------------------------------------------------------
@@ -405,7 +464,9 @@ def _save_pngs_named(folder: Path, stems: list[str], masks: list[np.ndarray]) ->
         write_mask_png(folder / f"{s}.png", m)
 
 
-def run_pipeline(images: str, out: str | Path, cfg: Config, seed_model: str | None = None, log=print) -> PipelineResult:
+def run_pipeline(
+    images: str, out: str | Path, cfg: Config, seed_model: str | None = None, log=print
+) -> PipelineResult:
     """Run (or resume) steps 1-8 on a stack: a folder, a glob or an s3:// prefix."""
     from tgan_ray.runtime import init_ray
 

@@ -36,7 +36,9 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
     df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     units = {f["pixel_size_nm"] is not None for f in stack["frames"]}
     if len(units) > 1:
-        pipe.log("   warning: some images have a pixel size and some do not; give --pixel-size-nm to report all in nm")
+        pipe.log(
+            "   warning: some images have a pixel size and some do not; give --pixel-size-nm to report all in nm"
+        )
     write_particles_csv(df, run_dir / "particles.csv")
     summary = psd_summary(df, images=[f["stem"] for f in stack["frames"]])
     write_summary(summary, run_dir / "summary.json")
@@ -49,9 +51,12 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
         image = pipe._work(frame["stem"])
         mask = np.asarray(Image.open(Path(masks["folder"]) / f"{frame['stem']}.png")) > 127
         mask_small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.shape[::-1])) > 127
-        figures[f"Masks on {frame['stem']}"] = plot_overlay(image, mask_small, plots / f"overlay_{frame['stem']}.png",
-                                                            frame["stem"])
-    figures["Samples: real | rough mask | random mask | 1st generation | 2nd generation"] = _sample_grid(pipe, stack, rnd, plots)
+        figures[f"Masks on {frame['stem']}"] = plot_overlay(
+            image, mask_small, plots / f"overlay_{frame['stem']}.png", frame["stem"]
+        )
+    figures["Samples: real | rough mask | random mask | 1st generation | 2nd generation"] = _sample_grid(
+        pipe, stack, rnd, plots
+    )
 
     stage_rows = []
     for step, info in pipe.manifest.data["steps"].items():
@@ -68,12 +73,21 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
         f"tgan-ray report: {Path(str(pipe.images)).name or pipe.images}",
         summary,
         figures,
-        tables={"Particles per image": per_image, "Steps": pd.DataFrame(stage_rows),
-                "Sampled masks vs morphology prior (KS distance, lower is closer)":
-                    pd.DataFrame([{"feature": k, "ks": v} for k, v in ks.items()])},
-        extra={"images": pipe.images, "frames": len(stack["frames"]), "unreadable": len(stack["skipped"]),
-               "rounds": pipe.cfg.run.rounds, "image_size": pipe.cfg.data.image_size,
-               "resize_mode": pipe.cfg.data.resize_mode},
+        tables={
+            "Particles per image": per_image,
+            "Steps": pd.DataFrame(stage_rows),
+            "Sampled masks vs morphology prior (KS distance, lower is closer)": pd.DataFrame(
+                [{"feature": k, "ks": v} for k, v in ks.items()]
+            ),
+        },
+        extra={
+            "images": pipe.images,
+            "frames": len(stack["frames"]),
+            "unreadable": len(stack["skipped"]),
+            "rounds": pipe.cfg.run.rounds,
+            "image_size": pipe.cfg.data.image_size,
+            "resize_mode": pipe.cfg.data.resize_mode,
+        },
     )
     pipe.tracker.log_metrics({f"psd/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
     for path in [run_dir / "summary.json", run_dir / "particles.csv", report, *figures.values()]:
@@ -97,13 +111,21 @@ def _sample_grid(pipe, stack: dict, rnd: int, plots: Path) -> Path:
     for i, name in enumerate(names):
         stem = stems[i % len(stems)]
         real, rough = random_crops(
-            [pipe._work(stem)], pipe.cfg.data.image_size, 1, rng,
+            [pipe._work(stem)],
+            pipe.cfg.data.image_size,
+            1,
+            rng,
             [np.asarray(Image.open(round_dir / "rough" / f"{stem}.png")) > 127],
         )
-        rows.append([
-            real[0], rough[0].astype(np.float32),
-            (np.asarray(Image.open(virtual / "masks" / name)) > 127).astype(np.float32),
-            np.asarray(Image.open(virtual / "gen1" / name), dtype=np.float32) / 255,
-            np.asarray(Image.open(virtual / "gen2" / name), dtype=np.float32) / 255,
-        ])
-    return plot_grid(rows, ["real", "rough mask", "random mask", "1st generation", "2nd generation"], plots / "samples.png")
+        rows.append(
+            [
+                real[0],
+                rough[0].astype(np.float32),
+                (np.asarray(Image.open(virtual / "masks" / name)) > 127).astype(np.float32),
+                np.asarray(Image.open(virtual / "gen1" / name), dtype=np.float32) / 255,
+                np.asarray(Image.open(virtual / "gen2" / name), dtype=np.float32) / 255,
+            ]
+        )
+    return plot_grid(
+        rows, ["real", "rough mask", "random mask", "1st generation", "2nd generation"], plots / "samples.png"
+    )

@@ -68,8 +68,12 @@ class Tracker:
         exp = self._client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
+        artifacts = None
+        if self.uri.startswith("sqlite:///"):
+            # Keep artefacts beside the sqlite store, not in ./mlruns of whatever folder the process runs in.
+            artifacts = (Path(self.uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
         try:
-            return self._client.create_experiment(self.experiment)
+            return self._client.create_experiment(self.experiment, artifact_location=artifacts)
         except Exception:  # created meanwhile by another process
             return self._client.get_experiment_by_name(self.experiment).experiment_id
 
@@ -128,7 +132,9 @@ class Tracker:
         if self.enabled:
             self._client.set_terminated(self.run_id, status)
 
-    def register_model(self, checkpoint_path: str | os.PathLike, name: str, metrics: dict | None = None) -> str | None:
+    def register_model(
+        self, checkpoint_path: str | os.PathLike, name: str, metrics: dict | None = None
+    ) -> str | None:
         """Log a checkpoint file as an artifact and register it as a model version; returns the version."""
         if not self.enabled:
             return None

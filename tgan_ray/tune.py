@@ -70,10 +70,14 @@ def validate_space(stage: str, space: dict[str, Any], base: Pix2PixConfig | Cycl
         if name not in fields:
             raise ConfigError(f"search space: {stage} has no field {name!r}")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _KINDS:
-            raise ConfigError(f"search space: {name} must be one of {{choice|loguniform|uniform: [...]}}, got {spec!r}")
+            raise ConfigError(
+                f"search space: {name} must be one of {{choice|loguniform|uniform: [...]}}, got {spec!r}"
+            )
         kind, values = next(iter(spec.items()))
         if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
-            raise ConfigError(f"search space: {name}.{kind} needs {'a list' if kind == 'choice' else '[low, high]'}")
+            raise ConfigError(
+                f"search space: {name}.{kind} needs {'a list' if kind == 'choice' else '[low, high]'}"
+            )
         if kind != "choice" and not values[0] < values[1]:
             raise ConfigError(f"search space: {name}.{kind} needs low < high, got {values}")
         if kind == "loguniform" and values[0] <= 0:
@@ -89,7 +93,11 @@ def validate_space(stage: str, space: dict[str, Any], base: Pix2PixConfig | Cycl
 def _to_tune(space: dict[str, Any]) -> dict[str, Any]:
     from ray import tune
 
-    make = {"choice": tune.choice, "loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v)}
+    make = {
+        "choice": tune.choice,
+        "loguniform": lambda v: tune.loguniform(*v),
+        "uniform": lambda v: tune.uniform(*v),
+    }
     return {name: make[next(iter(spec))](next(iter(spec.values()))) for name, spec in space.items()}
 
 
@@ -118,11 +126,16 @@ def _trial_driver(config: dict[str, Any], context: dict[str, Any]) -> None:
         "ray": cfg.ray.model_dump(mode="json"),
         "seed": cfg.data.seed,
         "extractor": ctx["extractor"],
-        "tracking": {"uri": child.uri, "experiment": child.experiment, "run_id": child.run_id,
-                     "sample_every": cfg.tracking.sample_every},
+        "tracking": {
+            "uri": child.uri,
+            "experiment": child.experiment,
+            "run_id": child.run_id,
+            "sample_every": cfg.tracking.sample_every,
+        },
     }
-    trainer = build_trainer(stage, loop_config, cfg, f"{stage}-{trial_id}", ctx["storage_path"],
-                            callbacks=[TuneReportCallback()])
+    trainer = build_trainer(
+        stage, loop_config, cfg, f"{stage}-{trial_id}", ctx["storage_path"], callbacks=[TuneReportCallback()]
+    )
     try:
         trainer.fit()
     finally:
@@ -181,26 +194,42 @@ def run_campaign(
         gen1 = pipe._step("round1/gen1", pipe.step_gen, "masks", "gen1", p2p, 1)
         data = pipe.cyclegan_data(stack, gen1)
 
-    campaign = pipe.tracker.start_child(f"tune-{stage}-{out.name}", tags={"campaign": str(out), "stage": stage})
+    campaign = pipe.tracker.start_child(
+        f"tune-{stage}-{out.name}", tags={"campaign": str(out), "stage": stage}
+    )
     campaign.log_params({"num_samples": num_samples, "scheduler": scheduler, "space": json.dumps(space)})
     stage_cfg = getattr(cfg, stage)
     epochs = stage_cfg.epochs + stage_cfg.epochs_decay
     sched = (
-        ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(stage_cfg.eval_every * 2, epochs),
-                      reduction_factor=2)
-        if scheduler == "asha" else FIFOScheduler()
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=epochs,
+            grace_period=min(stage_cfg.eval_every * 2, epochs),
+            reduction_factor=2,
+        )
+        if scheduler == "asha"
+        else FIFOScheduler()
     )
     context = {
-        "stage": stage, "config": config_to_dict(cfg), "data": put_data(data),
-        "tracking_uri": campaign.uri, "parent_run_id": campaign.run_id, "extractor": "random-resnet18",
+        "stage": stage,
+        "config": config_to_dict(cfg),
+        "data": put_data(data),
+        "tracking_uri": campaign.uri,
+        "parent_run_id": campaign.run_id,
+        "extractor": "random-resnet18",
         "storage_path": str(out / "ray"),
     }
     tuner = tune.Tuner(
         # The context (config, data refs) travels by with_parameters, so it is neither searched nor printed.
         tune.with_resources(tune.with_parameters(_trial_driver, context=context), {"CPU": driver_cpus}),
         param_space={"params": _to_tune(space)},
-        tune_config=tune.TuneConfig(metric="score", mode="min", scheduler=sched, num_samples=num_samples,
-                                    max_concurrent_trials=max_concurrent),
+        tune_config=tune.TuneConfig(
+            metric="score",
+            mode="min",
+            scheduler=sched,
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent,
+        ),
         run_config=tune.RunConfig(name=f"tune-{stage}", storage_path=str(out / "tune"), verbose=0),
     )
     results = tuner.fit()
@@ -208,25 +237,39 @@ def run_campaign(
     if best is None or best.metrics is None or "checkpoint_path" not in best.metrics:
         campaign.end("FAILED")
         errors = [str(r.error).splitlines()[0] for r in results if r.error]
-        raise RuntimeError(f"no trial of the {stage} campaign reported a scored checkpoint; errors: {errors[:3]}")
+        raise RuntimeError(
+            f"no trial of the {stage} campaign reported a scored checkpoint; errors: {errors[:3]}"
+        )
     # Each trial's best scored report (Result.metrics is only its last one, which ASHA may have cut short).
     trials = []
     for r in results:
-        scored = [m for m in (r.metrics_dataframe.to_dict("records") if r.metrics_dataframe is not None else [])
-                  if m.get("score") is not None] or ([r.metrics] if r.metrics and "score" in r.metrics else [])
+        scored = [
+            m
+            for m in (r.metrics_dataframe.to_dict("records") if r.metrics_dataframe is not None else [])
+            if m.get("score") is not None
+        ] or ([r.metrics] if r.metrics and "score" in r.metrics else [])
         best_row = min(scored, key=lambda m: m["score"]) if scored else {}
-        trials.append({"trial_id": (r.metrics or {}).get("trial_id"), "score": best_row.get("score"),
-                       "error": str(r.error).splitlines()[0] if r.error else None, **r.config["params"]})
+        trials.append(
+            {
+                "trial_id": (r.metrics or {}).get("trial_id"),
+                "score": best_row.get("score"),
+                "error": str(r.error).splitlines()[0] if r.error else None,
+                **r.config["params"],
+            }
+        )
     best_params = dict(best.config["params"])
     best_score = float(best.metrics["score"])
     checkpoint = best.metrics["checkpoint_path"]
     campaign.log_metrics({"best_score": best_score})
     version = campaign.register_model(
-        Path(checkpoint) / "model.pt", f"{cfg.tracking.registered_model}-{stage}-generator",
+        Path(checkpoint) / "model.pt",
+        f"{cfg.tracking.registered_model}-{stage}-generator",
         {"kid_random-resnet18": best_score, **{k: v for k, v in best_params.items()}},
     )
     campaign.end()
-    result = CampaignResult(stage, best_params, best_score, "kid_random-resnet18", checkpoint, trials, version)
+    result = CampaignResult(
+        stage, best_params, best_score, "kid_random-resnet18", checkpoint, trials, version
+    )
     write_json(out / "campaign.json", result.__dict__)
     log(f"best {stage} trial: KID {best_score:.4g} with {best_params}; checkpoint {checkpoint}")
     return result
@@ -236,6 +279,8 @@ def tuned_overrides(campaign_dir: str | Path) -> dict[str, Any]:
     """Dotted config overrides (``pix2pix.lr_g`` ...) from a finished campaign's ``campaign.json``."""
     path = Path(campaign_dir) / "campaign.json"
     if not path.is_file():
-        raise ConfigError(f"no campaign.json in {campaign_dir}: run `tgan tune ... --out {campaign_dir}` first")
+        raise ConfigError(
+            f"no campaign.json in {campaign_dir}: run `tgan tune ... --out {campaign_dir}` first"
+        )
     result = json.loads(path.read_text())
     return {f"{result['stage']}.{k}": v for k, v in result["best_overrides"].items()}

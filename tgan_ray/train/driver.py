@@ -58,8 +58,15 @@ def _storage(cfg: Config, run_dir: str | Path) -> tuple[str, Any]:
     return str(Path(path).resolve()), None
 
 
-def build_trainer(stage: str, loop_config: dict[str, Any], cfg: Config, name: str, storage_path: str, fs=None,
-                  callbacks: list | None = None):
+def build_trainer(
+    stage: str,
+    loop_config: dict[str, Any],
+    cfg: Config,
+    name: str,
+    storage_path: str,
+    fs=None,
+    callbacks: list | None = None,
+):
     """One TorchTrainer builder, shared by ``train_stage`` and Tune trials."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -74,7 +81,8 @@ def build_trainer(stage: str, loop_config: dict[str, Any], cfg: Config, name: st
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=gpu,
+            num_workers=cfg.ray.num_workers,
+            use_gpu=gpu,
             resources_per_worker=resources if cfg.ray.num_workers > 0 else None,
         ),
         run_config=RunConfig(
@@ -136,8 +144,12 @@ def train_stage(
         "data": put_data(data),
         "ray": cfg.ray.model_dump(mode="json"),
         "seed": cfg.data.seed,
-        "tracking": {"uri": child.uri, "experiment": child.experiment, "run_id": child.run_id,
-                     "sample_every": cfg.tracking.sample_every},
+        "tracking": {
+            "uri": child.uri,
+            "experiment": child.experiment,
+            "run_id": child.run_id,
+            "sample_every": cfg.tracking.sample_every,
+        },
         **(extra_config or {}),
     }
     trainer = build_trainer(stage, loop_config, cfg, name, storage_path, fs)

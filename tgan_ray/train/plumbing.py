@@ -192,6 +192,7 @@ def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None
 
 def to_uint8_grid(rows: list[list[np.ndarray]]) -> np.ndarray:
     """Tile rows of [-1,1] or [0,1] gray images (H x W) into one uint8 picture for MLflow."""
+
     def u8(a):
         a = np.asarray(a, dtype=np.float32)
         if a.min() < 0:

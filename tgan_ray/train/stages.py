@@ -77,8 +77,9 @@ class GANStage(Stage):
         self.sched_g, self.sched_d = self.model.schedulers(self.cfg.epochs, self.cfg.epochs_decay)
         size = data["train_images" if name == "pix2pix" else "train_b"].shape[-1]
         if name == "pix2pix":
-            train = PairedDataset(list(data["train_images"]), list(data["train_masks"]), transform=train_transform(),
-                                  size=size)
+            train = PairedDataset(
+                list(data["train_images"]), list(data["train_masks"]), transform=train_transform(), size=size
+            )
             self.val_inputs = data["val_masks"].astype(np.float32)  # masks -> generated images
         else:
             train = UnpairedDataset(list(data["train_a"]), list(data["train_b"]), size=size)
@@ -123,7 +124,9 @@ class GANStage(Stage):
         n = min(self.cfg.eval_images, len(self.val_inputs))
         fake = torch.from_numpy(self.generate(self.val_inputs[:n]))[:, None] * 2 - 1
         real = torch.from_numpy(np.asarray(self.val_real, dtype=np.float32))[:, None] * 2 - 1
-        return {f"val/{k}": v for k, v in image_quality(fake, real, self._extractor, self.extractor_name).items()}
+        return {
+            f"val/{k}": v for k, v in image_quality(fake, real, self._extractor, self.extractor_name).items()
+        }
 
     def sample_grid(self) -> np.ndarray:
         k = min(4, len(self.val_inputs))
@@ -153,8 +156,14 @@ class GANStage(Stage):
     def export(self, path: Path) -> None:
         """The main generator alone (mask -> image, or 1st generation -> real), for inference."""
         key = self.model.generator_names[0]
-        torch.save({"kind": self.name, "config": self.cfg.model_dump(mode="json"),
-                    "generator": unwrap(self.model.nets[key]).state_dict()}, path)
+        torch.save(
+            {
+                "kind": self.name,
+                "config": self.cfg.model_dump(mode="json"),
+                "generator": unwrap(self.model.nets[key]).state_dict(),
+            },
+            path,
+        )
 
 
 class SegmenterStage(Stage):
@@ -175,12 +184,17 @@ class SegmenterStage(Stage):
         net = create_segmenter(self.cfg.arch, self.cfg.encoder, self.cfg.encoder_weights)
         self.net = prepare_network(net, ctx)
         self.loss_fn = SegmentationLoss(self.cfg.focal_alpha)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
+        )
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, self.cfg.lr_step, self.cfg.lr_gamma)
-        train = SegmentationDataset(list(data["train_images"]), list(data["train_masks"]), transform=train_transform())
+        train = SegmentationDataset(
+            list(data["train_images"]), list(data["train_masks"]), transform=train_transform()
+        )
         self.loader = build_loader(train, self.cfg.batch_size, ctx, self.cfg.steps_per_epoch)
-        self.val = SegmentationDataset(list(data["val_images"]), list(data["val_masks"]), transform=test_transform(),
-                                       train=False)
+        self.val = SegmentationDataset(
+            list(data["val_images"]), list(data["val_masks"]), transform=test_transform(), train=False
+        )
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         set_epoch(self.loader, epoch)
@@ -218,10 +232,16 @@ class SegmenterStage(Stage):
     def sample_grid(self) -> np.ndarray:
         items = [self.val[j] for j in range(min(4, len(self.val)))]
         pred = self.predict(torch.stack([x for x, _ in items]))
-        return to_uint8_grid([[x[0].numpy() for x, _ in items], list(pred.numpy()), [y.numpy() for _, y in items]])
+        return to_uint8_grid(
+            [[x[0].numpy() for x, _ in items], list(pred.numpy()), [y.numpy() for _, y in items]]
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"net": unwrap(self.net).state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+        return {
+            "net": unwrap(self.net).state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unwrap(self.net).load_state_dict(state["net"])
@@ -239,7 +259,9 @@ class SegmenterStage(Stage):
 STAGES: dict[str, type[Stage]] = {"pix2pix": GANStage, "cyclegan": GANStage, "segmenter": SegmenterStage}
 
 
-def create_stage(name: str, cfg: dict, data: dict, ctx: WorkerContext, extractor: str = "random-resnet18") -> Stage:
+def create_stage(
+    name: str, cfg: dict, data: dict, ctx: WorkerContext, extractor: str = "random-resnet18"
+) -> Stage:
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
     return STAGES[name](name, cfg, data, ctx, extractor)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def _resolve(value: Any) -> Any:
     import ray
 
@@ -47,7 +46,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = setup_worker(config.get("ray", {}), config.get("seed", 0))
     data = {k: _resolve(v) for k, v in config["data"].items()}
-    stage = create_stage(config["stage"], config["stage_cfg"], data, ctx, config.get("extractor", "random-resnet18"))
+    stage = create_stage(
+        config["stage"], config["stage_cfg"], data, ctx, config.get("extractor", "random-resnet18")
+    )
 
     start_epoch, best, starts = 0, None, []
     state = read_checkpoint_state(ray.train.get_checkpoint())
@@ -55,7 +56,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stage.load_state_dict(state["stage"])
         start_epoch, best, starts = state["epoch"] + 1, state.get("best"), state.get("starts", [])
         if ctx.is_main:
-            print(f"[{config['stage']}] resumed from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+            print(
+                f"[{config['stage']}] resumed from the checkpoint of epoch {state['epoch'] + 1}", flush=True
+            )
     starts = [*starts, start_epoch]  # where each (re)start began: the record of resumes
 
     tracking = config.get("tracking") or {}
@@ -72,7 +75,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - t_epoch
         images = len(stage.loader) * stage.loader.batch_size * ctx.world_size
         metrics.update({"train/epoch_s": seconds, "train/images_per_s": images / seconds})
-        _maybe_inject_fault(config, epoch, ctx)  # a crash mid-epoch, after its training, before its checkpoint
+        _maybe_inject_fault(
+            config, epoch, ctx
+        )  # a crash mid-epoch, after its training, before its checkpoint
         metrics["epoch"] = epoch + 1
         checkpoint = None
         is_eval = (epoch + 1) % stage.eval_every == 0 or epoch == last
@@ -91,13 +96,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             done = epoch + 1 - start_epoch
             eta = (time.time() - t_start) / done * (stage.num_epochs - epoch - 1)
             shown = " ".join(
-                f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                f"{k.split('/')[-1]}={v:.4g}"
+                for k, v in metrics.items()
                 if isinstance(v, float) and not k.endswith(("lr", "epoch_s")) and "std" not in k
             )
-            print(f"[{config['stage']}] epoch {epoch + 1}/{stage.num_epochs} {shown} ETA {_format_eta(eta)}", flush=True)
+            print(
+                f"[{config['stage']}] epoch {epoch + 1}/{stage.num_epochs} {shown} ETA {_format_eta(eta)}",
+                flush=True,
+            )
         if is_eval:
             # Every rank reports the same number of times; only rank 0 carries the checkpoint and the score.
             ray.train.report(metrics if ctx.is_main else {"epoch": epoch + 1}, checkpoint=checkpoint)
     if start_epoch > last and ctx.is_main:
         print(f"[{config['stage']}] already complete ({stage.num_epochs} epochs)", flush=True)
-

@@ -1,0 +1,499 @@
+"""Ray Serve segmentation endpoint: one EM frame in, particle table + PSD summary (or the mask) out.
+
+    tgan serve --model runs/r1/round1/npssegnet.pt          # or s3://bucket/npssegnet.pt, models:/npssegnet/3
+    curl -F file=@frame.dm4 http://127.0.0.1:8000/v1/segment
+    curl --data-binary @frame.tif "http://127.0.0.1:8000/v1/segment?pixel_size_nm=0.21&mask=png" -o mask.png
+
+Concurrent requests are grouped by ``@serve.batch``: the tiles of every frame in a batch go through the network
+in one forward pass (the sliding window of :mod:`tgan_ray.data.tiling` cuts big frames into tiles first).
+Replicas, autoscaling bounds, CPUs/GPUs per replica, batch size and upload limits come from ``cfg.serve``.
+
+Safety: a request can never kill a replica (every failure becomes a one-line JSON error); uploads are decoded from
+memory, so nothing a client sends reaches a file path; checkpoints load without unpickling objects.
+"""
+
+# No `from __future__ import annotations`: Serve's class-based FastAPI views resolve the route annotations
+# (Request, Query) at run time, from a module other than this one.
+
+import asyncio
+import io
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from email.message import Message
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from ray import serve
+
+from tgan_ray.config import Config
+from tgan_ray.model_uri import ModelSource, _tracking_uri, resolve_model, resolve_model_uri
+
+__all__ = [
+    "ModelSource",
+    "SegmentationService",
+    "build_app",
+    "deployment_options",
+    "parse_multipart",
+    "resolve_model",
+    "resolve_model_uri",
+    "serve_model",
+]
+
+_log = logging.getLogger("tgan_ray.serve")
+
+API_PREFIX = "/v1"
+MASK_THRESHOLD = 0.5  # particle probability above which a pixel is a particle (as in Segmenter.segment)
+MAX_TILES_PER_PASS = 64  # tiles per forward pass: bounds GPU memory when a batch holds several big frames
+_READ_CHUNK = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+class RequestError(Exception):
+    """A bad request: ``status`` is the HTTP status, the message one line for the client."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"detail": " ".join(str(reason).split())[:300]}, status_code=status)
+
+
+def _safe_name(name: str | None) -> str:
+    """A display name for messages and the table; only its extension ever steers decoding."""
+    base = os.path.basename(str(name or "").replace("\\", "/"))
+    base = "".join(c for c in base if c.isprintable())[:120]
+    return base or "upload"
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise RequestError(400, f"bad Content-Length header {declared[:40]!r}")
+        if int(declared) > limit:
+            raise RequestError(413, f"upload of {int(declared)} bytes exceeds serve.max_upload_bytes={limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:  # chunked uploads carry no Content-Length: count what arrives
+            raise RequestError(413, f"upload exceeds serve.max_upload_bytes={limit}")
+    return bytes(body)
+
+
+def _header_params(value: str, header: str) -> Message:
+    msg = Message()
+    msg[header] = value
+    return msg
+
+
+def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
+    """Split a ``multipart/form-data`` body (RFC 7578) into ``{field: (filename, content)}``.
+
+    Hand-written on purpose: Starlette's form parser needs the python-multipart package, which is not a
+    dependency, and the stdlib ``email`` parser is ~100x slower on binary uploads. The body is already
+    size-limited, so a split on the boundary is both simple and linear.
+    """
+    boundary = _header_params(content_type, "content-type").get_param("boundary")
+    if not boundary or not isinstance(boundary, str):
+        raise RequestError(400, "multipart/form-data body without a boundary parameter")
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    chunks = body.split(b"--" + boundary.encode("latin-1"))
+    if len(chunks) < 3:
+        raise RequestError(400, "malformed multipart body (no closing boundary)")
+    for chunk in chunks[1:-1]:
+        head, sep, content = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise RequestError(400, "malformed multipart body (a part has no header block)")
+        disposition = ""
+        for line in head.decode("latin-1").split("\r\n"):
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "content-disposition":
+                disposition = value.strip()
+        params = _header_params(disposition, "content-disposition")
+        name = params.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            fields[name] = (params.get_filename(), content[:-2] if content.endswith(b"\r\n") else content)
+    return fields
+
+
+def _pixel_size(value: Any, where: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        size = float(value)
+    except (TypeError, ValueError):
+        raise RequestError(
+            400, f"{where} must be a number of nm per pixel, got {str(value)[:40]!r}"
+        ) from None
+    if not (math.isfinite(size) and size > 0):
+        raise RequestError(400, f"{where} must be a positive number of nm per pixel, got {value!r}")
+    return size
+
+
+def _json_records(df) -> list[dict[str, Any]]:
+    # pandas' own writer turns NaN into null and numpy scalars into JSON numbers in one C pass.
+    return json.loads(df.to_json(orient="records"))
+
+
+def _mask_png(mask: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- the service
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "PNG, JPEG, TIFF, DM3/DM4 or EMD",
+                    },
+                    "pixel_size_nm": {"type": "number", "description": "nm per pixel (overrides the file's)"},
+                },
+            }
+        },
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    uri: str
+    run_id: str | None = None
+    training_run: str | None = None
+    arch: str
+    tile_size: int
+    resize_mode: str
+    device: str
+    meta: dict[str, Any] = {}
+
+
+class SegmentResult(BaseModel):
+    image: str
+    shape: list[int]
+    pixel_size_nm: float | None
+    pixel_size_from: str
+    particles: list[dict[str, Any]]
+    summary: dict[str, Any]
+    model: dict[str, str]
+    timing_ms: dict[str, float]
+    batch_size: int
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+app = FastAPI(
+    title="tgan-ray segmentation",
+    version="1",
+    description="Segments nanoparticles in one electron micrograph and returns the particle table and PSD.",
+)
+
+
+@app.exception_handler(RequestValidationError)
+async def _bad_parameters(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI answers 422 with a nested list; clients here get 400 and one line naming the parameter.
+    first = exc.errors()[0] if exc.errors() else {"loc": ("request",), "msg": "invalid"}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "query") or "request"
+    return _error(400, f"{where}: {first.get('msg', 'invalid')}")
+
+
+@serve.deployment(name="SegmentationService")
+@serve.ingress(app)
+class SegmentationService:
+    """One replica: a loaded NPsSegNet behind the FastAPI routes.
+
+    Args:
+        model_uri: checkpoint path, ``s3://`` or ``models:/`` URI (resolved in the replica, cached per node).
+        cfg: the full config as a plain dict (``Config.model_dump(mode="json")``).
+        max_tiles_per_pass: largest number of tiles sent through the network at once.
+    """
+
+    def __init__(self, model_uri: str, cfg: dict[str, Any], max_tiles_per_pass: int = MAX_TILES_PER_PASS):
+        from tgan_ray.inference import Segmenter
+
+        self.cfg = Config.model_validate(cfg)
+        self.source = resolve_model(model_uri, self.cfg)
+        self.segmenter = Segmenter(self.source.path, None, self.cfg.segmenter)
+        if "data" not in self.segmenter.meta:  # an exported stage checkpoint: tiles as the config says
+            self.segmenter.data_cfg = self.cfg.data
+        self.max_tiles_per_pass = max(1, int(max_tiles_per_pass))
+        # The forward pass gets its own thread, so it never queues behind decoding or particle analysis.
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tgan-forward")
+        serve_cfg = self.cfg.serve
+        self._forward.set_max_batch_size(serve_cfg.max_batch_size)
+        self._forward.set_batch_wait_timeout_s(serve_cfg.batch_wait_timeout_s)
+        meta = self.segmenter.meta
+        self.info = ModelInfo(
+            name=self.source.name,
+            version=self.source.version,
+            uri=self.source.uri,
+            run_id=self.source.run_id,
+            training_run=self.source.run_id or meta.get("source_run") or meta.get("run_id"),
+            arch=type(self.segmenter.model).__name__,
+            tile_size=self.segmenter.data_cfg.image_size,
+            resize_mode=self.segmenter.data_cfg.resize_mode,
+            device=str(self.segmenter.device),
+            meta={k: v for k, v in meta.items() if isinstance(v, str | int | float | bool) or v is None},
+        ).model_dump()
+        self._model_tag = {"name": self.source.name, "version": self.source.version}
+        self._replica = serve.get_replica_context().replica_id.unique_id
+
+    # -- batched forward pass ---------------------------------------------------------------------------------
+    def _predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        out = [
+            self.segmenter._predict_tiles(tiles[i : i + self.max_tiles_per_pass, None])[:, 0]
+            for i in range(0, len(tiles), self.max_tiles_per_pass)
+        ]
+        return np.concatenate(out)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced from cfg.serve in __init__
+    async def _forward(self, tile_stacks: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        """Probabilities for the tiles of several requests in one forward pass, each with the batch's size.
+
+        The pass runs in a thread so the event loop keeps accepting requests, and the next batch fills meanwhile.
+        """
+        counts = [len(t) for t in tile_stacks]
+        loop = asyncio.get_running_loop()
+        probs = await loop.run_in_executor(
+            self._model_thread, self._predict_tiles, np.concatenate(tile_stacks)
+        )
+        return [(p, len(tile_stacks)) for p in np.split(probs, np.cumsum(counts)[:-1])]
+
+    # -- per-request steps ------------------------------------------------------------------------------------
+    def _prepare(self, data: bytes, name: str):
+        from tgan_ray.data.tiling import tile_image
+        from tgan_ray.data.working import to_working, working_scale
+        from tgan_ray.io import ImageReadError, UnsupportedFormatError, decode_image, normalize_intensity
+
+        try:
+            image = decode_image(data, name, max_pixels=self.cfg.serve.max_pixels)
+        except UnsupportedFormatError as exc:
+            raise RequestError(415, str(exc)) from None
+        except ImageReadError as exc:
+            status = 413 if exc.reason.startswith(("image too large", "not enough memory")) else 400
+            raise RequestError(status, str(exc)) from None
+        d = self.segmenter.data_cfg
+        norm = normalize_intensity(image.data, d.norm_low_percentile, d.norm_high_percentile)
+        work = to_working(norm, working_scale(norm.shape, d))
+        tiles, tilemap = tile_image(work, d.image_size, self.segmenter.seg_cfg.tile_overlap)
+        return image, tiles, tilemap
+
+    @staticmethod
+    def _to_mask(probs: np.ndarray, tilemap, shape: tuple[int, int]) -> np.ndarray:
+        from tgan_ray.data.tiling import untile
+        from tgan_ray.data.working import to_original
+
+        return to_original(untile(probs, tilemap), shape) > MASK_THRESHOLD
+
+    def _analyse(self, mask: np.ndarray, name: str, pixel_size_nm: float | None) -> tuple[list, dict]:
+        from tgan_ray.analysis import measure_particles, psd_summary
+
+        df = measure_particles(mask, name, pixel_size_nm)
+        return _json_records(df), psd_summary(df, images=[name])
+
+    async def _segment(
+        self, request: Request, pixel_size_nm: float | None, want_mask: bool, filename: str | None
+    ):
+        t0 = time.perf_counter()
+        body = await _read_body(request, self.cfg.serve.max_upload_bytes)
+        content_type = request.headers.get("content-type", "")
+        name = _safe_name(filename)
+        if content_type.lower().startswith("multipart/form-data"):
+            fields = parse_multipart(body, content_type)
+            if "file" not in fields:
+                raise RequestError(400, "multipart upload has no 'file' field")
+            upload_name, body = fields["file"]
+            name = _safe_name(upload_name or filename)
+            if pixel_size_nm is None and "pixel_size_nm" in fields:
+                pixel_size_nm = _pixel_size(
+                    fields["pixel_size_nm"][1].decode("latin-1").strip(), "pixel_size_nm"
+                )
+        if not body:
+            raise RequestError(400, "empty upload: send the image as the 'file' field or as the raw body")
+        image, tiles, tilemap = await asyncio.to_thread(self._prepare, body, name)
+        t1 = time.perf_counter()
+        probs, batch_size = await self._forward(tiles)
+        t2 = time.perf_counter()
+        mask = await asyncio.to_thread(self._to_mask, probs, tilemap, image.shape)
+        if want_mask:
+            headers = {"X-Model-Version": self.source.version, "X-Inference-Ms": f"{(t2 - t1) * 1e3:.1f}"}
+            return Response(await asyncio.to_thread(_mask_png, mask), media_type="image/png", headers=headers)
+        # Pixel size: the request's, else the config's override, else the file's calibration, else px.
+        candidates = (
+            (pixel_size_nm, "request"),
+            (self.cfg.data.pixel_size_nm, "config"),
+            (image.pixel_size_nm, "file"),
+        )
+        size, origin = next(((v, o) for v, o in candidates if v is not None), (None, "none"))
+        particles, summary = await asyncio.to_thread(self._analyse, mask, name, size)
+        t3 = time.perf_counter()
+        return JSONResponse(
+            {
+                "image": name,
+                "shape": list(image.shape),
+                "pixel_size_nm": size,
+                "pixel_size_from": origin,
+                "particles": particles,
+                "summary": summary,
+                "model": self._model_tag,
+                "timing_ms": {
+                    "decode": round((t1 - t0) * 1e3, 2),
+                    "inference": round((t2 - t1) * 1e3, 2),
+                    "analysis": round((t3 - t2) * 1e3, 2),
+                    "total": round((t3 - t0) * 1e3, 2),
+                },
+                "batch_size": batch_size,
+            }
+        )
+
+    # -- routes -----------------------------------------------------------------------------------------------
+    @app.post(
+        f"{API_PREFIX}/segment",
+        openapi_extra={"requestBody": _UPLOAD_BODY},
+        response_model=SegmentResult,
+        responses={
+            200: {"content": {"image/png": {}}, "description": "JSON result, or the mask with ?mask=png"},
+            400: {"model": ErrorBody, "description": "not an image, truncated, empty, bad parameter"},
+            413: {
+                "model": ErrorBody,
+                "description": "too many bytes or pixels (serve.max_upload_bytes/max_pixels)",
+            },
+            415: {"model": ErrorBody, "description": "unsupported format"},
+        },
+    )
+    async def segment(
+        self,
+        request: Request,
+        pixel_size_nm: float | None = Query(None, gt=0, description="nm per pixel; overrides the file's"),
+        mask: Literal["png"] | None = Query(None, description="'png': return the binary mask as a PNG"),
+        filename: str | None = Query(
+            None, description="name of a raw-body upload (only its extension is used)"
+        ),
+    ):
+        """Segment one micrograph (multipart field ``file`` or the raw body)."""
+        try:
+            return await self._segment(request, pixel_size_nm, mask == "png", filename)
+        except RequestError as exc:
+            return _error(exc.status, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - nothing a request does may take the replica down
+            _log.exception("segment request failed")
+            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.get(f"{API_PREFIX}/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: the replica is up and its model is loaded."""
+        return {"status": "ok", "replica": self._replica, **self._model_tag}
+
+    @app.get(f"{API_PREFIX}/model", response_model=ModelInfo)
+    async def model(self) -> dict[str, Any]:
+        """The served model: registry name and version, training run, architecture."""
+        return self.info
+
+
+# ---------------------------------------------------------------------------------------------- starting it
+
+
+def deployment_options(cfg: Config, gpus_available: float | None = None) -> dict[str, Any]:
+    """Replica count or autoscaling bounds, resources and concurrency from ``cfg.serve``.
+
+    Args:
+        cfg: the config.
+        gpus_available: GPUs in the Ray cluster; 0 turns GPU replicas into CPU replicas (None: as configured).
+    """
+    s = cfg.serve
+    gpus = s.gpus_per_replica if (gpus_available is None or gpus_available > 0) else 0.0
+    if gpus != s.gpus_per_replica:
+        _log.warning(
+            "serve.gpus_per_replica=%s but the cluster has no GPU: serving from CPU replicas",
+            s.gpus_per_replica,
+        )
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": gpus},
+        # A batch can only fill if that many requests may be in the replica at once.
+        "max_ongoing_requests": max(s.max_ongoing_requests, s.max_batch_size),
+    }
+    if s.min_replicas == s.max_replicas:  # num_replicas and autoscaling_config exclude each other
+        options["num_replicas"] = s.max_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        }
+    return options
+
+
+def build_app(model_uri: str, cfg: Config, gpus_available: float | None = None, **service_kwargs):
+    """The Serve application for ``model_uri`` (not started): ``serve.run(build_app(...))``."""
+    options = deployment_options(cfg, gpus_available)
+    return SegmentationService.options(**options).bind(
+        model_uri, cfg.model_dump(mode="json"), **service_kwargs
+    )
+
+
+def serve_model(model: str, cfg: Config, blocking: bool = True, name: str = "tgan") -> str:
+    """Start the segmentation endpoint on local Ray (or the cluster at ``cfg.ray.address``).
+
+    The model is resolved here first, so a wrong path or URI fails in seconds with one line, before Serve starts.
+    On a multi-node cluster a local checkpoint path must exist on every node: prefer ``s3://`` or ``models:/``.
+
+    Args:
+        model: checkpoint path, ``s3://`` URI or ``models:/<name>/<version>``.
+        cfg: config; ``cfg.serve`` sets host, port, replicas, resources and limits.
+        blocking: serve until Ctrl-C (then delete the application); False returns once it is up.
+        name: Serve application name.
+
+    Returns:
+        The endpoint's base URL, e.g. ``http://127.0.0.1:8000``.
+    """
+    source = resolve_model(model, cfg)
+    remote = model.startswith("models:/") or "://" in model
+    uri = model if remote else source.path  # replicas resolve it again (cached per node); paths made absolute
+    if model.startswith("models:/"):  # replicas must reach the same registry, even without the env variable
+        cfg = cfg.model_copy(deep=True)
+        cfg.tracking.tracking_uri = _tracking_uri(cfg, model)
+    from tgan_ray.runtime import init_ray
+
+    ray = init_ray(cfg.ray)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    serve.run(build_app(uri, cfg, gpus_available=gpus), name=name, route_prefix="/", blocking=False)
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    url = f"http://{host}:{cfg.serve.port}"
+    _log.info("serving %s (version %s) at %s%s/segment", source.name, source.version, url, API_PREFIX)
+    if blocking:
+        print(f"serving {source.name} (version {source.version}) at {url}{API_PREFIX}/segment; Ctrl-C stops")
+        try:
+            while True:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            serve.delete(name)
+    return url
