@@ -169,7 +169,8 @@ class SegmenterConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray instance.")
-    num_workers: int = Field(1, ge=0, description="Ray Train workers (DDP ranks); 0 runs in-process.")
+    # Not 0: Ray Train's in-process mode keeps no checkpoints, and every stage's result is its checkpoint.
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks): GPUs across nodes, or CPUs.")
     use_gpu: Literal["auto", "yes", "no"] = Field(
         "auto", description="GPU workers: auto uses them if present."
     )

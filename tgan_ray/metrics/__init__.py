@@ -1,4 +1,8 @@
-"""Scores for segmentations (PA, MIoU, IoU, Dice, particle matching) and, in ``gan``, for generated images."""
+"""Scores for segmentations (PA, MIoU, IoU, Dice, particle matching) and, in ``gan``, for generated images.
+
+The GAN scores (FID, KID, IS, SSIM, PSNR) are exported lazily: they pull in torch, torchvision, torch-fidelity and
+torchmetrics, which a caller that only scores masks should not pay for.
+"""
 
 from tgan_ray.metrics.segmentation import (
     PixelMetrics,
@@ -13,6 +17,20 @@ from tgan_ray.metrics.segmentation import (
     segmentation_scores,
 )
 
+_GAN_EXPORTS = (
+    "EXTRACTORS",
+    "GANMetricWarning",
+    "MissingWeightsError",
+    "RandomResNetFeatures",
+    "build_feature_extractor",
+    "extractor_label",
+    "fid_from_features",
+    "image_quality",
+    "is_from_logits",
+    "kid_from_features",
+    "paired_quality",
+)
+
 __all__ = [
     "PixelMetrics",
     "aggregate",
@@ -24,4 +42,13 @@ __all__ = [
     "particle_iou",
     "pixel_accuracy",
     "segmentation_scores",
+    *_GAN_EXPORTS,
 ]
+
+
+def __getattr__(name: str):
+    if name in _GAN_EXPORTS:
+        from tgan_ray.metrics import gan
+
+        return getattr(gan, name)
+    raise AttributeError(f"module 'tgan_ray.metrics' has no attribute {name!r}")

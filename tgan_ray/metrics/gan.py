@@ -19,8 +19,9 @@ Extractors (:func:`build_feature_extractor`):
 - ``npssegnet:<checkpoint>``: the encoder of an in-domain NPsSegNet checkpoint (globally pooled deepest features);
   its IS, like the random ResNet's, comes from a fixed-seed random 1000-way head on those features.
 
-The implementations are torch-fidelity's (FID, KID, IS from features) and torchmetrics' (SSIM, PSNR); this module
-only feeds them gray EM images and sizes their settings to the small sets EM stacks give.
+The implementations are torch-fidelity's (KID, IS and FID from features) and torchmetrics' (SSIM, PSNR); this module
+feeds them gray EM images and sizes their settings to the small sets EM stacks give (FID on fewer images than
+feature dimensions takes an exact shortcut, see :func:`fid_from_features`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 EXTRACTORS = ("random-resnet18", "inception", "npssegnet:<checkpoint>")
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity 0.4.0's URL_INCEPTION_V3
-INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+INCEPTION_WEIGHTS_FILE = (
+    "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity 0.4.0's URL_INCEPTION_V3
+)
+INCEPTION_WEIGHTS_URL = (
+    f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+)
 PSNR_CAP_DB = 100.0  # PSNR of identical images is infinite; capped so tables and JSON stay finite
 _IS_CLASSES = 1000
 
@@ -84,8 +89,6 @@ class RandomResNetFeatures(nn.Module):
         :meth:`embed` -> ((N, 512), (N, 1000)).
     """
 
-    label = "random-resnet18"
-
     def __init__(self, seed: int = 0, input_size: int = 128):
         super().__init__()
         import torchvision
@@ -121,8 +124,6 @@ class InceptionFeatures(nn.Module):
         :meth:`forward` -> (N, 2048).
     """
 
-    label = "inception"
-
     def __init__(self, weights_path: str | None = None, allow_download: bool = True):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -139,7 +140,9 @@ class InceptionFeatures(nn.Module):
                     f"{weights_path} does not hold the FID Inception-v3 weights ({why}); "
                     f"expected torch-fidelity's {INCEPTION_WEIGHTS_FILE}"
                 ) from None
-            raise MissingWeightsError(f"FID Inception weights unavailable ({why}); " + _inception_hint()) from None
+            raise MissingWeightsError(
+                f"FID Inception weights unavailable ({why}); " + _inception_hint()
+            ) from None
         self.num_features = 2048
         self.eval().requires_grad_(False)
 
@@ -184,7 +187,9 @@ def _inception_weights(weights_path: str | None, allow_download: bool) -> str | 
     if cached.is_file():
         return str(cached)
     if not allow_download:
-        raise MissingWeightsError(f"FID Inception weights {INCEPTION_WEIGHTS_FILE} not cached; " + _inception_hint())
+        raise MissingWeightsError(
+            f"FID Inception weights {INCEPTION_WEIGHTS_FILE} not cached; " + _inception_hint()
+        )
     return None
 
 
@@ -214,7 +219,6 @@ class NpsSegNetFeatures(nn.Module):
         recorded = (meta.get("data") or {}).get("image_size") if isinstance(meta, dict) else None
         self.input_size = input_size or (int(recorded) if recorded else None)
         self.head = _random_head(self.num_features, seed)
-        self.label = f"npssegnet-{Path(checkpoint).stem}"
         self.eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -260,7 +264,9 @@ def build_feature_extractor(
     if name.startswith("npssegnet:"):
         checkpoint = name.split(":", 1)[1]
         if not checkpoint:
-            raise ValueError("extractor 'npssegnet:' needs a checkpoint path: npssegnet:/path/to/npssegnet.pt")
+            raise ValueError(
+                "extractor 'npssegnet:' needs a checkpoint path: npssegnet:/path/to/npssegnet.pt"
+            )
         return NpsSegNetFeatures(checkpoint)
     raise KeyError(f"unknown feature extractor {name!r}; choose one of: {', '.join(EXTRACTORS)}")
 
@@ -297,15 +303,26 @@ def kid_from_features(f_real: torch.Tensor, f_fake: torch.Tensor, subsets: int =
         raise ValueError(f"KID needs images in both sets, got {n_real} real and {n_fake} generated")
     size = min(n_real, n_fake, 1000)
     if size < 2:
-        warnings.warn(f"KID on {size} image per set: unbiased MMD² undefined, using the biased one",
-                      GANMetricWarning, stacklevel=2)
+        warnings.warn(
+            f"KID on {size} image per set: unbiased MMD² undefined, using the biased one",
+            GANMetricWarning,
+            stacklevel=2,
+        )
         x, y = f_real[:1].double().numpy(), f_fake[:1].double().numpy()
         kw = {"kid_kernel_poly_degree": 3, "kid_kernel_poly_gamma": None, "kid_kernel_poly_coef0": 1}
-        return float(mmd2(kernel_poly(x, x, **kw), kernel_poly(x, y, **kw), kernel_poly(y, y, **kw), mmd_est="biased")), 0.0
+        return float(
+            mmd2(kernel_poly(x, x, **kw), kernel_poly(x, y, **kw), kernel_poly(y, y, **kw), mmd_est="biased")
+        ), 0.0
     # Subsets of the whole of both sets are all the same set: one is enough.
     subsets = 1 if size == n_real == n_fake else subsets
-    out = kid_features_to_metric(f_real.double(), f_fake.double(), kid_subsets=subsets, kid_subset_size=size,
-                                 verbose=False, rng_seed=seed)
+    out = kid_features_to_metric(
+        f_real.double(),
+        f_fake.double(),
+        kid_subsets=subsets,
+        kid_subset_size=size,
+        verbose=False,
+        rng_seed=seed,
+    )
     return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
 
 
@@ -354,7 +371,9 @@ def is_from_logits(logits: torch.Tensor, seed: int = 0) -> tuple[float, float]:
 
 def _check_images(x: torch.Tensor, what: str) -> torch.Tensor:
     if not torch.is_tensor(x) or x.dim() not in (3, 4):
-        raise ValueError(f"{what} images must be a tensor (N, 1, H, W) in [-1, 1], got {getattr(x, 'shape', type(x))}")
+        raise ValueError(
+            f"{what} images must be a tensor (N, 1, H, W) in [-1, 1], got {getattr(x, 'shape', type(x))}"
+        )
     if len(x) == 0:
         raise ValueError(f"no {what} images to score")
     return x[:, None] if x.dim() == 3 else x
@@ -393,13 +412,18 @@ def image_quality(
         warnings.warn(
             f"only {n_real} real and {n_fake} generated images for FID/KID/IS (fewer than {min_images}): "
             "scores are noisy and FID is biased upward; compare them only at equal set sizes",
-            GANMetricWarning, stacklevel=2,
+            GANMetricWarning,
+            stacklevel=2,
         )
     label = extractor_label(extractor_name)
     f_real, _ = _embed_all(extractor, real)
     f_fake, logits = _embed_all(extractor, generated)
     kid, kid_std = kid_from_features(f_real, f_fake, seed=seed)
-    out = {f"fid_{label}": fid_from_features(f_real, f_fake), f"kid_{label}": kid, f"kid_std_{label}": kid_std}
+    out = {
+        f"fid_{label}": fid_from_features(f_real, f_fake),
+        f"kid_{label}": kid,
+        f"kid_std_{label}": kid_std,
+    }
     if with_is and logits is not None:
         out[f"is_{label}"], out[f"is_std_{label}"] = is_from_logits(logits, seed)
     for key in [k for k, v in out.items() if not math.isfinite(v)]:
@@ -426,8 +450,10 @@ def paired_quality(generated: torch.Tensor, real: torch.Tensor) -> dict[str, flo
 
     generated, real = _check_images(generated, "generated"), _check_images(real, "real")
     if generated.shape != real.shape:
-        raise ValueError(f"paired scores need one generated image per real one: {tuple(generated.shape)} vs "
-                         f"{tuple(real.shape)}")
+        raise ValueError(
+            f"paired scores need one generated image per real one: {tuple(generated.shape)} vs "
+            f"{tuple(real.shape)}"
+        )
     fake01 = ((generated.float().clamp(-1, 1) + 1) / 2).cpu()
     real01 = ((real.float().clamp(-1, 1) + 1) / 2).cpu()
     window = min(11, min(real.shape[-2:]) // 2 * 2 - 1)  # odd and no larger than the image

@@ -66,7 +66,9 @@ class GANStage(Stage):
 
         self.name, self.ctx, self.extractor_name = name, ctx, extractor
         self.cfg = (Pix2PixConfig if name == "pix2pix" else CycleGANConfig).model_validate(cfg)
-        self.score = f"val/kid_{extractor}"
+        from tgan_ray.metrics.gan import extractor_label
+
+        self.score = f"val/kid_{extractor_label(extractor)}"
         self.num_epochs = self.cfg.epochs + self.cfg.epochs_decay
         self.eval_every = self.cfg.eval_every
         self.model = create_gan(name, self.cfg)
@@ -117,16 +119,15 @@ class GANStage(Stage):
         return np.concatenate(out)
 
     def evaluate(self) -> dict[str, float]:
-        from tgan_ray.metrics.gan import build_feature_extractor, image_quality
+        from tgan_ray.metrics.gan import build_feature_extractor, extractor_label, image_quality
 
         if self._extractor is None:
             self._extractor = build_feature_extractor(self.extractor_name).to(self.ctx.device)
         n = min(self.cfg.eval_images, len(self.val_inputs))
         fake = torch.from_numpy(self.generate(self.val_inputs[:n]))[:, None] * 2 - 1
-        real = torch.from_numpy(np.asarray(self.val_real, dtype=np.float32))[:, None] * 2 - 1
-        return {
-            f"val/{k}": v for k, v in image_quality(fake, real, self._extractor, self.extractor_name).items()
-        }
+        real = torch.from_numpy(np.array(self.val_real, dtype=np.float32))[:, None] * 2 - 1
+        scores = image_quality(fake, real, self._extractor, extractor_label(self.extractor_name))
+        return {f"val/{k}": v for k, v in scores.items()}
 
     def sample_grid(self) -> np.ndarray:
         k = min(4, len(self.val_inputs))
