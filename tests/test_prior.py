@@ -160,7 +160,7 @@ def test_empty_rough_masks_raise_a_clear_error():
         MorphologyPrior.from_masks([np.zeros((64, 64), bool)] * 3)
     only_cut = np.zeros((64, 64), bool)
     only_cut[:5, :5] = True
-    with pytest.raises(NoParticlesError, match="1 particle"):
+    with pytest.raises(NoParticlesError, match="all 1 particle\(s\) are cut by the frame border"):
         MorphologyPrior.from_masks([only_cut])
     with pytest.raises(ValueError, match="2-D"):
         MorphologyPrior.from_masks([np.zeros((4, 4, 4))])

@@ -72,7 +72,8 @@ class Pipeline:
     def __init__(
         self, images: str, run_dir: str | Path, cfg: Config, seed_model: str | None = None, log=print
     ):
-        self.images, self.cfg, self.seed_model, self.log = images, cfg, seed_model, log
+        self.images, self.cfg, self.log = images, cfg, log
+        self.seed_model = seed_model or (cfg.rough.seed_model if cfg.rough.method == "model" else None)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.manifest = Manifest(self.run_dir)

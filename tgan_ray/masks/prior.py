@@ -135,9 +135,12 @@ class MorphologyPrior:
     def _check(self) -> None:
         if not self.particles["diameter"]:
             total = sum(im["count"] for im in self.images)
+            found = (
+                f"all {total} particle(s) are cut by the frame border" if total else "they hold no particles"
+            )
             raise NoParticlesError(
-                f"the morphology prior has no particle to learn from: {total} particle(s) in {len(self.images)} "
-                "rough mask(s), none clear of the frame border; try --particle-contrast bright|dark or a --seed-model"
+                f"the morphology prior has no particle to learn from in {len(self.images)} rough mask(s): {found};"
+                " try --particle-contrast bright|dark or a --seed-model"
             )
 
     # -- derived statistics ----------------------------------------------------------------------------------
@@ -191,7 +194,7 @@ class MorphologyPrior:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a morphology prior dict: missing or bad key {exc}") from None
         prior._check()
-        if "cluster_sigma" in data:
+        if "cluster_sigma" in data:  # fills the cached property: no recalibration after a reload
             prior.__dict__["cluster_sigma"] = (
                 None if data["cluster_sigma"] is None else float(data["cluster_sigma"])
             )
@@ -249,10 +252,8 @@ def _draw_shapes(prior: MorphologyPrior, n: int, rng: np.random.Generator) -> np
     )
     rows = rng.integers(0, len(table), n)
     jitter = rng.normal(0.0, [_bandwidth(col) for col in table.T], (n, 3))
-    diameter, axis_ratio = (
-        np.exp(table[rows, 0] + jitter[:, 0]),
-        np.exp(np.abs(table[rows, 1] + jitter[:, 1])),
-    )
+    diameter = np.exp(table[rows, 0] + jitter[:, 0])
+    axis_ratio = np.exp(np.abs(table[rows, 1] + jitter[:, 1]))  # reflected at 1: major >= minor
     roughness = np.maximum(np.exp(table[rows, 2] + jitter[:, 2]) - 1e-3, 0.0)
     orientation = np.asarray(p["orientation"])[rows] + rng.normal(0.0, 0.1, n)
     a, b = diameter / 2 * np.sqrt(axis_ratio), diameter / 2 / np.sqrt(axis_ratio)

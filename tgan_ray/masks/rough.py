@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.feature import peak_local_max
+from scipy import stats
 from skimage.filters import threshold_otsu
 from skimage.measure import regionprops
 from skimage.morphology import disk, opening
@@ -56,7 +56,7 @@ def _shrink(x: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _log_significance(
-    image: np.ndarray, sigma: float, background: np.ndarray | None = None
+    image: np.ndarray, sigma: float, background: np.ndarray | None = None, min_sigma: float = 1.5
 ) -> tuple[int, np.ndarray, np.ndarray]:
     """Scale-normalised LoG response (bright blobs > 0) and its significance, on a 2^k-decimated copy.
 
@@ -66,9 +66,10 @@ def _log_significance(
     not hide its own members. Decimating large scales keeps each call near the cost of the finest one.
 
     Returns:
-        (d, response, z): the decimation factor and two maps at 1/d of the input's size.
+        (d, response, z): the decimation factor (sigma stays >= ``min_sigma`` px on the copy) and two maps at
+        1/d of the input's size.
     """
-    d = int(2 ** max(0, np.floor(np.log2(sigma / 1.5))))
+    d = int(2 ** max(0, np.floor(np.log2(sigma / min_sigma))))
     sd = sigma / d
     response = -(sd**2) * ndi.gaussian_laplace(_shrink(image, d), sd)
     power = response * response
@@ -81,35 +82,47 @@ def _log_significance(
     return d, response, response / (rms + 1e-6)
 
 
-def _scan(x: np.ndarray, max_side: int = _SCALE_GRID_PX, max_sigma: float | None = None):
-    """Scale-space blobs of a [0, 1] frame with bright particles, searched on a copy of at most ``max_side`` px.
+def _scan(
+    x: np.ndarray, max_side: int = _SCALE_GRID_PX, max_sigma: float | None = None, dark: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Scale-space blobs of a [0, 1] frame, searched on a copy of at most ``max_side`` px.
+
+    Bright blobs always; with ``dark`` also dark ones, which cost nothing more: the LoG of the inverted frame is
+    the negated LoG, with the same local RMS.
 
     Returns:
-        (radius, z): per blob, its radius (sqrt(2) sigma, input px) and its significance.
+        'bright' (and 'dark') -> (radius, z): per blob, its radius (sqrt(2) sigma, input px) and significance.
     """
     f = max(1, int(np.ceil(max(x.shape) / max_side)))
     grid = _shrink(x, f)
     top = max(2.0, max(grid.shape) / 25) if max_sigma is None else max(2.0, max_sigma / f)
     sigmas = np.geomspace(1.0, top, 16 if max_sigma is None else 8)
     maps = [_log_significance(grid, s) for s in sigmas]
+    out = {"bright": _scale_maxima(maps, sigmas, f, 1.0)}
+    if dark:
+        out["dark"] = _scale_maxima(maps, sigmas, f, -1.0)
+    return out
+
+
+def _scale_maxima(maps: list, sigmas: np.ndarray, f: int, sign: float) -> tuple[np.ndarray, np.ndarray]:
+    """Maxima of ``sign`` * response over space and scale, above the contrast floor -> (radius, z)."""
 
     def response_at(k: int, y: np.ndarray, x_: np.ndarray) -> np.ndarray:
         d, r, _ = maps[k]
-        return r[
-            np.clip((y / d).astype(int), 0, r.shape[0] - 1), np.clip((x_ / d).astype(int), 0, r.shape[1] - 1)
-        ]
+        yi, xi = (
+            np.clip((y / d).astype(int), 0, r.shape[0] - 1),
+            np.clip((x_ / d).astype(int), 0, r.shape[1] - 1),
+        )
+        return sign * r[yi, xi]
 
     radius, z = [], []
     for k, (d, response, significance) in enumerate(maps):
-        peaks = peak_local_max(
-            response,
-            min_distance=max(1, int(sigmas[k] / d)),
-            threshold_abs=_MIN_RESPONSE,
-            exclude_border=False,
-        )
+        signed = sign * response
+        size = 2 * max(1, int(sigmas[k] / d)) + 1  # plain maxima: peak_local_max's spacing pass is slow here
+        peaks = np.argwhere((signed == ndi.maximum_filter(signed, size=size)) & (signed > _MIN_RESPONSE))
         if not len(peaks):
             continue
-        value = response[peaks[:, 0], peaks[:, 1]]
+        value = sign * response[peaks[:, 0], peaks[:, 1]]
         y, x_ = (peaks[:, 0] + 0.5) * d, (peaks[:, 1] + 0.5) * d
         keep = np.ones(len(peaks), bool)  # a maximum over scale too: the blob's own scale
         if k > 0:
@@ -117,7 +130,7 @@ def _scan(x: np.ndarray, max_side: int = _SCALE_GRID_PX, max_sigma: float | None
         if k < len(maps) - 1:
             keep &= value >= response_at(k + 1, y, x_)
         radius.append(np.full(keep.sum(), sigmas[k] * np.sqrt(2) * f))
-        z.append(significance[peaks[keep, 0], peaks[keep, 1]])
+        z.append(sign * significance[peaks[keep, 0], peaks[keep, 1]])
     return (np.concatenate(radius), np.concatenate(z)) if radius else (np.zeros(0), np.zeros(0))
 
 
@@ -136,7 +149,7 @@ def _radius_from_blobs(radius: np.ndarray, z: np.ndarray) -> float:
 
 def _bright_radius(x: np.ndarray, scan: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """Particle radius (px) of a [0, 1] frame with bright particles."""
-    radius = _radius_from_blobs(*(scan if scan is not None else _scan(x)))
+    radius = _radius_from_blobs(*(scan if scan is not None else _scan(x)["bright"]))
     f = int(np.ceil(max(x.shape) / _SCALE_GRID_PX))
     if f > 1 and radius < 3 * f:
         # Small particles on a big frame sit near the coarse grid's resolution: redo small scales on a finer
@@ -145,7 +158,7 @@ def _bright_radius(x: np.ndarray, scan: tuple[np.ndarray, np.ndarray] | None = N
         half = _SCALE_GRID_PX * f2
         cy, cx = x.shape[0] // 2, x.shape[1] // 2
         crop = x[max(0, cy - half) : cy + half, max(0, cx - half) : cx + half]
-        fine = _radius_from_blobs(*_scan(crop, 2 * _SCALE_GRID_PX, max_sigma=2 * radius))
+        fine = _radius_from_blobs(*_scan(crop, 2 * _SCALE_GRID_PX, max_sigma=2 * radius)["bright"])
         radius = fine if np.isfinite(fine) else radius
     return radius if np.isfinite(radius) else 2.0
 
@@ -154,6 +167,18 @@ def _strength(scan: tuple[np.ndarray, np.ndarray]) -> float:
     """Mean significance of the 20 strongest blobs: how clearly a polarity shows particles."""
     z = scan[1]
     return float(np.sort(z)[-20:].mean()) if len(z) else 0.0
+
+
+def _pick_contrast(x: np.ndarray, scans: dict) -> Contrast:
+    """'bright' when bright blobs stand out more than dark ones, helped by the intensity skewness.
+
+    The skewness is the tie-breaker: HAADF frames are mostly dark (vacuum, light support) with bright heavy
+    matter, BF-TEM frames mostly bright with dark absorbing matter. On 33 real frames (at full size and at 512
+    px) the blob test alone missed one, the sum misses none.
+    """
+    sample = x.ravel()[:: max(1, x.size // 250_000)]
+    score = _strength(scans["bright"]) - _strength(scans["dark"]) + 2.0 * float(stats.skew(sample))
+    return "bright" if score >= 0 else "dark"
 
 
 def _cut_touching(labels: np.ndarray) -> np.ndarray:
@@ -199,17 +224,20 @@ class ClassicalSegmenter:
         contrast = contrast or self.particle_contrast
         scans = {}
         if contrast == "auto":
-            scans = {"bright": _scan(x), "dark": _scan(1 - x)}
-            contrast = "bright" if _strength(scans["bright"]) >= _strength(scans["dark"]) else "dark"
+            scans = _scan(x, dark=True)
+            contrast = _pick_contrast(x, scans)
         if contrast not in ("bright", "dark"):
             raise ValueError(f"contrast={contrast!r}; choose auto, bright or dark")
         x = 1 - x if contrast == "dark" else x
-        return x, contrast, float(radius) if radius else _bright_radius(x, scans.get(contrast))
+        if radius:
+            return x, contrast, float(radius)
+        if contrast == "dark" and scans:  # dark blobs of x are the bright blobs of 1 - x
+            return x, contrast, _bright_radius(x, scans["dark"])
+        return x, contrast, _bright_radius(x, scans.get("bright"))
 
     def detect_contrast(self, image: np.ndarray) -> Contrast:
         """'bright' or 'dark': the polarity whose strongest blobs stand out more from their surroundings."""
-        x = _as_frame(image)
-        return "bright" if _strength(_scan(x)) >= _strength(_scan(1 - x)) else "dark"
+        return self._analyse(image, "auto", radius=1.0)[1]
 
     def estimate_scale(self, image: np.ndarray, contrast: str | None = None) -> float:
         """Typical particle radius in px: significance-weighted median radius of the LoG scale-space blobs.
@@ -328,14 +356,11 @@ def _split(binary: np.ndarray, r: float, min_area: float) -> np.ndarray:
     small[0] = True
     binary = ~small[blobs]
     distance = ndi.distance_transform_edt(binary)
-    seeds = peak_local_max(
-        ndi.gaussian_filter(distance, 0.5),
-        min_distance=max(2, int(0.7 * r)),
-        labels=blobs * binary,
-        exclude_border=False,
-    )
-    markers = np.zeros(binary.shape, np.int32)
-    markers[tuple(seeds.T)] = np.arange(1, len(seeds) + 1)
+    # One seed per local maximum of the (lightly smoothed) distance map within 0.7 r: every object gets its
+    # global maximum, and two particles joined by a neck get one each.
+    smooth = ndi.gaussian_filter(distance, 0.5)
+    size = 2 * max(2, int(0.7 * r)) + 1
+    markers, _ = ndi.label((smooth == ndi.maximum_filter(smooth, size=size)) & binary)
     return watershed(-distance, markers, mask=binary)
 
 
@@ -351,7 +376,7 @@ def _significance(work: np.ndarray, labels: np.ndarray, n: int, r: float) -> np.
     for s in scales:
         near = (s >= 0.6 * own_sigma) & (s <= 1.6 * own_sigma)
         if near.any():
-            d, _, z = _log_significance(work, s, background)
+            d, _, z = _log_significance(work, s, background, min_sigma=1.0)  # a score: coarse is fine
             per_object = np.asarray(ndi.maximum(z[ys // d, xs // d], owner, np.arange(1, n + 1)))
             best = np.where(near, np.maximum(best, per_object), best)
     return best
