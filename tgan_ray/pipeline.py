@@ -317,23 +317,48 @@ class Pipeline:
         return result.to_dict()
 
     # -- step 6 is step_gen again (gen1 -> gen2); the virtual dataset's manifest ---------------------------------
-    def step_virtual(self, prior: dict, gen2: dict, rnd: int) -> dict[str, Any]:
+    def step_virtual(self, stack: dict, prior: dict, gen2: dict, rnd: int) -> dict[str, Any]:
+        """Write the virtual dataset's manifest; its images are the generation that looks most real.
+
+        The 2nd generation is used unless it is further from the real images (KID, same extractor and real
+        crops) than the 1st: an undertrained CycleGAN can erase particles, and a segmenter trained on such pairs
+        learns wrong labels. The choice and both scores are recorded.
+        """
+        import torch
+
+        from tgan_ray.metrics.gan import build_feature_extractor, image_quality
+
         virtual = self.run_dir / f"round{rnd}" / "virtual"
-        pairs = [
-            {"image": f"gen2/{n}", "mask": f"masks/{n}", "first_generation": f"gen1/{n}"}
-            for n in prior["masks"]
-        ]
-        write_json(virtual / "manifest.json", {"pairs": pairs, "count": len(pairs)})
-        return {"manifest": str(virtual / "manifest.json"), "count": len(pairs)}
+        names = prior["masks"]
+        sample = names[: min(len(names), 64)]
+        real, _ = self._real_crops(stack["test"] or stack["subset2"], max(len(sample), 16))
+        extractor = build_feature_extractor("random-resnet18")
+
+        def kid(folder: str) -> float:
+            fake = torch.from_numpy(_load_pngs(virtual / folder, sample))[:, None] * 2 - 1
+            scores = image_quality(fake, torch.from_numpy(real)[:, None] * 2 - 1, extractor, with_is=False)
+            return float(scores["kid_random-resnet18"])
+
+        scores = {"gen1": kid("gen1"), "gen2": kid("gen2")}
+        source = "gen2" if scores["gen2"] <= scores["gen1"] else "gen1"
+        if source == "gen1":
+            self.log(f"   CycleGAN output is less realistic than pix2pix's (KID {scores['gen2']:.4g} vs "
+                     f"{scores['gen1']:.4g}): the virtual dataset uses the 1st generation; "
+                     "train CycleGAN longer (cyclegan.epochs) to get the 2nd")
+        self.tracker.log_metrics({f"round{rnd}/virtual_kid_{k}": v for k, v in scores.items()})
+        pairs = [{"image": f"{source}/{n}", "mask": f"masks/{n}", "first_generation": f"gen1/{n}"} for n in names]
+        write_json(virtual / "manifest.json", {"pairs": pairs, "count": len(pairs), "source": source,
+                                               "kid_random-resnet18": scores})
+        return {"manifest": str(virtual / "manifest.json"), "count": len(pairs), "source": source, "kid": scores}
 
     # -- step 7: NPsSegNet ----------------------------------------------------------------------------------------
-    def step_segmenter(self, prior: dict, rnd: int) -> dict[str, Any]:
+    def step_segmenter(self, prior: dict, virtual_step: dict, rnd: int) -> dict[str, Any]:
         from tgan_ray.models.npssegnet import load_segmenter, save_segmenter
         from tgan_ray.train import train_stage
 
         virtual = self.run_dir / f"round{rnd}" / "virtual"
         names = prior["masks"]
-        images = _load_pngs(virtual / "gen2", names)
+        images = _load_pngs(virtual / virtual_step.get("source", "gen2"), names)
         masks = _load_pngs(virtual / "masks", names, is_mask=True)
         n_val = max(1, round(len(names) * 0.2))  # paper: train:test 4:1
         result = train_stage(
@@ -406,8 +431,8 @@ class Pipeline:
             gen1 = self._step(f"{r}/gen1", self.step_gen, "masks", "gen1", p2p, rnd)
             cyc = self._step(f"{r}/cyclegan", self.step_cyclegan, stack, gen1, rnd)
             gen2 = self._step(f"{r}/gen2", self.step_gen, "gen1", "gen2", cyc, rnd)
-            self._step(f"{r}/virtual", self.step_virtual, prior, gen2, rnd)
-            seg = self._step(f"{r}/segmenter", self.step_segmenter, prior, rnd)
+            virtual = self._step(f"{r}/virtual", self.step_virtual, stack, prior, gen2, rnd)
+            seg = self._step(f"{r}/segmenter", self.step_segmenter, prior, virtual, rnd)
         masks = self._step("segment", self.step_segment, stack, seg)
         report = self._step("report", self.step_report, stack, masks, self.cfg.run.rounds)
         self._step("register", self.step_register, seg)

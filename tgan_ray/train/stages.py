@@ -182,7 +182,8 @@ class SegmenterStage(Stage):
         self.ctx = ctx
         self.cfg = SegmenterConfig.model_validate(cfg)
         self.num_epochs, self.eval_every = self.cfg.epochs, self.cfg.val_every
-        net = create_segmenter(self.cfg.arch, self.cfg.encoder, self.cfg.encoder_weights)
+        extra = {"decoder_channels": self.cfg.decoder_channels} if self.cfg.decoder_channels else {}
+        net = create_segmenter(self.cfg.arch, self.cfg.encoder, self.cfg.encoder_weights, **extra)
         self.net = prepare_network(net, ctx)
         self.loss_fn = SegmentationLoss(self.cfg.focal_alpha)
         self.opt = torch.optim.AdamW(

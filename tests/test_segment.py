@@ -1,0 +1,232 @@
+"""``segment_stack`` on a real local Ray and a real S3 endpoint (moto's HTTP server): masks, particle table,
+PSD summaries, a corrupt object, bad credentials, a missing bucket and a re-run that skips finished images."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tgan_ray.config import DataConfig, load_config
+from tgan_ray.generate import ScaleOutError
+from tgan_ray.io import StorageError, StorageNotFoundError, s3_client
+from tgan_ray.segment import STATUS_ERROR, STATUS_REUSED, STATUS_SEGMENTED, segment_stack, unique_stems
+
+N_IMAGES, SIZE = 5, 96
+
+
+def ensure_ray_sees_s3_credentials(ray) -> None:
+    """Ray workers inherit the environment of the process that started Ray. When another test module started
+    the session's Ray before the S3 fixture set the test credentials, restart it so its workers see them."""
+    import os
+
+    @ray.remote(num_cpus=0)
+    def worker_key():
+        return os.environ.get("AWS_ACCESS_KEY_ID")
+
+    if ray.get(worker_key.remote()) != os.environ.get("AWS_ACCESS_KEY_ID"):
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3_server, ray_local):
+    ensure_ray_sees_s3_credentials(ray_local)
+    return s3_server
+
+
+@pytest.fixture(scope="module")
+def segmenter_path(tmp_path_factory):
+    """A tiny untrained NPsSegNet: its masks are arbitrary, but real (binary, full size)."""
+    import torch
+
+    from tgan_ray.models.npssegnet import create_segmenter, save_segmenter
+
+    torch.manual_seed(0)
+    model = create_segmenter("unetplusplus", "resnet18", decoder_channels=[16, 16, 8, 8, 8])
+    path = tmp_path_factory.mktemp("model") / "npssegnet.pt"
+    save_segmenter(model, path, meta={"data": DataConfig(image_size=64, resize_mode="tile").model_dump()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack_dir(tmp_path_factory):
+    from tgan_ray.data.synthetic import make_stack
+
+    return make_stack(tmp_path_factory.mktemp("stack"), n=N_IMAGES, size=SIZE, seed=3) / "images"
+
+
+def _cfg(**overrides):
+    base = {"scale_out.cpus_per_actor": 0.5, "scale_out.batch_size": 2, "segmenter.inference_batch_size": 4}
+    return load_config("quick", overrides={**base, **overrides})
+
+
+def _upload_stack(stack_dir, endpoint, bucket) -> list[str]:
+    client = s3_client(_cfg(**{"storage.s3_endpoint_url": endpoint}).storage)
+    names = sorted(p.name for p in stack_dir.glob("*.png"))
+    for name in names:
+        client.put_object(Bucket=bucket, Key=f"stack/{name}", Body=(stack_dir / name).read_bytes())
+    client.put_object(Bucket=bucket, Key="stack/x.png", Body=np.random.default_rng(0).bytes(500))
+    return names
+
+
+def _get(client, bucket, key) -> bytes:
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _mask_times(client, bucket) -> dict[str, object]:
+    objects = client.list_objects_v2(Bucket=bucket, Prefix="seg/masks/").get("Contents", [])
+    return {o["Key"]: (o["LastModified"], o["ETag"]) for o in objects}
+
+
+def test_segment_s3_stack_with_corrupt_object_then_rerun(ray_s3, s3_bucket, segmenter_path, stack_dir):
+    endpoint, bucket = s3_bucket
+    cfg = _cfg(**{"storage.s3_endpoint_url": endpoint})
+    client = s3_client(cfg.storage)
+    names = _upload_stack(stack_dir, endpoint, bucket)
+    stems = [n[:-4] for n in names]
+    model_uri = f"s3://{bucket}/models/npssegnet.pt"
+    client.put_object(Bucket=bucket, Key="models/npssegnet.pt", Body=segmenter_path.read_bytes())
+
+    result = segment_stack(model_uri, f"s3://{bucket}/stack/", f"s3://{bucket}/seg", cfg)
+    assert (result.images, result.segmented, result.reused) == (N_IMAGES + 1, N_IMAGES, 0)
+    assert [src for src, _ in result.errors] == [f"s3://{bucket}/stack/x.png"]
+
+    for stem in stems:
+        mask = np.asarray(Image.open(io.BytesIO(_get(client, bucket, f"seg/masks/{stem}.png"))))
+        assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 255}
+    assert "seg/masks/x.png" not in _mask_times(client, bucket)
+
+    images = pd.read_parquet(io.BytesIO(_get(client, bucket, "seg/images.parquet")))
+    assert len(images) == N_IMAGES + 1
+    bad = images.set_index("image").loc["x"]
+    assert bad.status == STATUS_ERROR and "PNG" in bad.reason and bad["mask"] == ""
+    good = images[images.status != STATUS_ERROR]
+    assert sorted(good.image) == stems and (good.status == STATUS_SEGMENTED).all()
+    assert (good["mask"] == [f"s3://{bucket}/seg/masks/{s}.png" for s in good.image]).all()
+    assert good.pixel_size_nm.isna().all() and (good.unit == "px").all()  # PNGs carry no calibration
+    assert (good.height == SIZE).all() and (good.width == SIZE).all()
+
+    particles = pd.read_parquet(io.BytesIO(_get(client, bucket, "seg/particles.parquet")))
+    assert {"image", "source", "pixel_size_nm", "equivalent_diameter", "touches_border"} <= set(
+        particles.columns
+    )
+    assert set(particles.image) <= set(stems) and len(particles) == result.particles
+    for stem, group in particles.groupby("image"):
+        assert set(group.source) == {f"s3://{bucket}/stack/{stem}.png"}
+    counts = (~particles.touches_border).groupby(particles.image).sum().reindex(good.image, fill_value=0)
+    assert counts.tolist() == good.particle_count.tolist()
+
+    summary = json.loads(_get(client, bucket, "seg/summary.json"))
+    assert summary["images"] == {"total": N_IMAGES + 1, "segmented": N_IMAGES, "reused": 0, "errors": 1}
+    assert summary["stack"]["count"] == int(good.particle_count.sum())
+    assert sorted(summary["per_image"]) == stems
+    assert all(
+        summary["per_image"][s]["count"] == c for s, c in zip(good.image, good.particle_count, strict=True)
+    )
+
+    # Re-run after losing one mask: only that image is segmented again; the other masks are not rewritten.
+    before = _mask_times(client, bucket)
+    client.delete_object(Bucket=bucket, Key=f"seg/masks/{stems[0]}.png")
+    time.sleep(1.1)  # S3 LastModified has a one-second resolution
+    again = segment_stack(model_uri, f"s3://{bucket}/stack/", f"s3://{bucket}/seg", cfg)
+    assert (again.segmented, again.reused, len(again.errors)) == (1, N_IMAGES - 1, 1)
+    after = _mask_times(client, bucket)
+    assert sorted(after) == sorted(before)
+    changed = [k for k in after if after[k] != before[k]]
+    assert changed == [f"seg/masks/{stems[0]}.png"]
+    images2 = pd.read_parquet(io.BytesIO(_get(client, bucket, "seg/images.parquet")))
+    status = dict(zip(images2.image, images2.status, strict=True))
+    assert status[stems[0]] == STATUS_SEGMENTED and status["x"] == STATUS_ERROR
+    assert all(status[s] == STATUS_REUSED for s in stems[1:])
+    particles2 = pd.read_parquet(io.BytesIO(_get(client, bucket, "seg/particles.parquet")))
+    assert len(particles2) == len(particles)  # same masks, same particles
+
+
+def test_segment_local_stack_with_pixel_size(ray_local, tmp_path, segmenter_path, stack_dir):
+    cfg = _cfg(**{"data.pixel_size_nm": 0.25})
+    result = segment_stack(segmenter_path, stack_dir, tmp_path / "out", cfg)
+    assert (result.segmented, result.errors) == (N_IMAGES, [])
+    assert len(list((tmp_path / "out" / "masks").glob("*.png"))) == N_IMAGES
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet")
+    assert (images.pixel_size_nm == 0.25).all() and (images.unit == "nm").all()
+    particles = pd.read_parquet(tmp_path / "out" / "particles.parquet")
+    assert (particles.unit == "nm").all() and (particles.pixel_size_nm == 0.25).all()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["stack"]["unit"] in ("nm", None) and len(summary["per_image"]) == N_IMAGES
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
+
+    # Masks of another model must not be mixed with these: refused before any Ray work.
+    import torch
+
+    from tgan_ray.models.npssegnet import load_segmenter, save_segmenter
+
+    other, meta = load_segmenter(segmenter_path)
+    with torch.no_grad():
+        next(other.parameters()).mul_(0.5)
+    save_segmenter(other, tmp_path / "other.pt", meta=meta)
+    with pytest.raises(ScaleOutError, match="outputs made with other settings \\(model_sha256\\)"):
+        segment_stack(tmp_path / "other.pt", stack_dir, tmp_path / "out", cfg)
+
+
+def _set_moto_auth(endpoint: str, initial_no_auth_count: str) -> str:
+    """Switch moto's IAM checks on ("0") or off ("inf"); returns the previous setting (as tests/test_storage.py)."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth",
+        data=initial_no_auth_count.encode(),
+        method="POST",
+        headers={"Content-Type": "text/plain"},  # a form content type would hide the body from moto
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
+
+
+@pytest.fixture()
+def no_ray_work(monkeypatch):
+    """Fail the test if segment_stack gets as far as starting Ray work."""
+    import tgan_ray.runtime
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("Ray work started before the storage check")
+
+    monkeypatch.setattr(tgan_ray.runtime, "init_ray", tripwire)
+
+
+def test_segment_bad_credentials_fail_before_ray_work(s3_bucket, segmenter_path, no_ray_work, monkeypatch):
+    endpoint, bucket = s3_bucket
+    cfg = _cfg(**{"storage.s3_endpoint_url": endpoint})
+    s3_client(cfg.storage).put_object(Bucket=bucket, Key="stack/a.png", Body=b"x")
+    previous = _set_moto_auth(endpoint, "0")
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+        with pytest.raises(StorageError, match="credentials rejected for s3://") as err:
+            segment_stack(segmenter_path, f"s3://{bucket}/stack/", f"s3://{bucket}/seg", cfg)
+        assert "very-secret-value" not in str(err.value) and "AKIAWRONG" not in str(err.value)
+        assert len(str(err.value).splitlines()) == 1
+    finally:
+        _set_moto_auth(endpoint, previous)
+
+
+def test_segment_missing_bucket_fails_before_ray_work(s3_bucket, segmenter_path, no_ray_work, tmp_path):
+    endpoint, bucket = s3_bucket
+    cfg = _cfg(**{"storage.s3_endpoint_url": endpoint})
+    with pytest.raises(StorageNotFoundError, match="S3 bucket 'no-such-bucket-here' does not exist"):
+        segment_stack(segmenter_path, "s3://no-such-bucket-here/stack/", tmp_path / "out", cfg)
+    with pytest.raises(StorageNotFoundError, match="S3 bucket 'no-such-output-bucket' does not exist"):
+        segment_stack(segmenter_path, f"s3://{bucket}/stack/", "s3://no-such-output-bucket/seg", cfg)
+
+
+def test_unique_stems_keeps_list_order():
+    uris = ["s3://b/x/a.png", "s3://b/x/a.tif", "/data/b.dm4", "/other/a.png", "s3://b/x/a_.png"]
+    assert list(unique_stems(uris).values()) == ["a", "a_", "b", "a__", "a___"]

@@ -1,0 +1,513 @@
+"""Steps 4-6 at scale: a virtual labelled dataset of N (image, mask) pairs, sharded with Ray Data.
+
+    result = generate_dataset("run/round1/prior.json", p2p_model, cyc_model, 100_000, "s3://em/virtual", cfg)
+    result = generate_from_run("runs/r1", 10_000, "runs/r1/virtual-10k", cfg)
+
+Ray Data plan (streaming: memory stays bounded whatever N)::
+
+    range(n) -> sample masks (tasks, masks_per_task a block; indices already written are dropped)
+             -> GeneratorActor (actor pool: pix2pix -> 1st generation -> CycleGAN -> 2nd generation)
+             -> write PNGs (tasks, through the storage layer; each object atomic)
+             -> driver: small rows -> manifest.parquet (written last: the commit)
+
+Output::
+
+    <out>/images/0000042.png   the image (2nd generation; the 1st when there is no CycleGAN)
+    <out>/masks/0000042.png    its mask (0/255)
+    <out>/gen1/0000042.png     1st generation (write_gen1=True)
+    <out>/generate.json        settings of the dataset (a re-run must match them)
+    <out>/manifest.parquet     index, image, mask, seed[, gen1]: relative paths, one row per pair
+
+Mask i is ``sample_mask_at(prior, image_size, seed, i)``: reproducible from (seed, i) alone, so a re-run with
+the same ``out`` writes only the pairs whose two PNGs are missing, and never duplicates one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tgan_ray.config import Config, StorageConfig
+from tgan_ray.io import storage as st
+
+# Tasks that only move bytes (read, PNG encode, write) take little CPU; the model actors take what config says.
+IO_TASK_CPUS = 0.25
+SAMPLE_TASK_CPUS = 0.5
+# ray.data.range's read tasks take Ray Data's default of 1 CPU (range() has no num_cpus): an actor pool that
+# leaves less than that free waits forever for input.
+RANGE_READ_CPUS = 1.0
+# S3 puts are latency-bound: a writer task keeps several in flight.
+WRITE_THREADS = 8
+_PAIR_NAME = re.compile(r"^(\d{7})\.png$")
+
+
+class ScaleOutError(ValueError):
+    """A generate / segment request that cannot run: the one-line message names the file or setting."""
+
+
+@dataclass
+class GenerateResult:
+    """What :func:`generate_dataset` left in ``out``."""
+
+    out: str
+    manifest: str  # URI of manifest.parquet
+    count: int  # pairs the manifest lists (= n)
+    generated: int  # pairs written by this call
+    reused: int  # pairs found complete in ``out`` and kept
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "seconds": round(self.seconds, 2)}
+
+
+# ---------------------------------------------------------------------------------------------- Ray plumbing
+# Shared with tgan_ray.segment.
+
+
+def actor_pool_options(cfg: Config, free_cpus: float) -> dict[str, Any]:
+    """``map_batches`` keyword arguments for a model actor pool: GPUs when used, else fractional CPUs.
+
+    Args:
+        cfg: ``scale_out`` and ``ray`` settings.
+        free_cpus: CPUs the job's tasks (read, sample, write) need beside the actors.
+
+    Raises:
+        ScaleOutError: on a local Ray instance, actors that would take every CPU (nothing left to read and
+            write) or GPUs it does not have: the job would wait forever.
+    """
+    import ray
+
+    from tgan_ray.runtime import use_gpu
+
+    so = cfg.scale_out
+    options: dict[str, Any] = {
+        "compute": ray.data.ActorPoolStrategy(size=so.actors),
+        "num_cpus": so.cpus_per_actor,
+    }
+    resources = ray.cluster_resources()
+    total = resources.get("CPU", 0)
+    is_local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if use_gpu(cfg.ray):
+        options["num_gpus"] = so.gpus_per_actor
+        if is_local and resources.get("GPU", 0) < so.gpus_per_actor:
+            raise ScaleOutError(
+                f"ray.use_gpu={cfg.ray.use_gpu} but this Ray instance has {resources.get('GPU', 0):g} GPU(s) for "
+                f"scale_out.gpus_per_actor={so.gpus_per_actor}; set ray.use_gpu=no or auto"
+            )
+    if is_local and so.actors * so.cpus_per_actor > total - free_cpus:
+        raise ScaleOutError(
+            f"scale_out.actors={so.actors} x scale_out.cpus_per_actor={so.cpus_per_actor} leaves less than "
+            f"{free_cpus:g} CPU for reading and writing on this {total:g}-CPU Ray instance; "
+            "lower scale_out.actors or scale_out.cpus_per_actor"
+        )
+    return options
+
+
+def device_for(cfg: Config) -> str:
+    from tgan_ray.runtime import use_gpu
+
+    return "cuda" if use_gpu(cfg.ray) else "cpu"
+
+
+def read_model(uri: str, storage: StorageConfig | None, what: str) -> bytes:
+    """A model file's bytes, read on the driver (local or S3): a missing file fails here, before any Ray work,
+    with one line naming it. ``ray.put`` them so that actors on any node can load the model."""
+    try:
+        return st.read_bytes(uri, storage)
+    except st.StorageNotFoundError:
+        raise ScaleOutError(f"{what} not found: {uri}") from None
+
+
+def check_generator(data: bytes, uri: str) -> None:
+    """Load a generator checkpoint once on the driver, so a wrong file fails before any Ray work."""
+    from tgan_ray.inference import load_generator
+
+    path = local_copy(data, ".pt")
+    try:
+        load_generator(path, "cpu")
+    except Exception as exc:  # noqa: BLE001 - torch.load and load_state_dict fail in many ways
+        raise ScaleOutError(
+            _one_line(f"{uri} is not a usable generator checkpoint: {exc}").replace(path, uri)
+        ) from None
+    finally:
+        os.unlink(path)
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def local_copy(ref: Any, suffix: str) -> str:
+    """Write ``data`` (bytes, or an object-store reference to them) to a temporary file; the caller deletes it."""
+    if not isinstance(ref, bytes):
+        import ray
+
+        ref = ray.get(ref)
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix="tgan-model-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(ref)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def sample_masks(
+    batch: dict[str, np.ndarray], prior: Any, size: int, seed: int, border_policy: str, done: np.ndarray
+):
+    """Ray Data task: the masks of the batch's indices that are not written yet.
+
+    Shape:
+        batch["id"]: (B,) -> {"index": (b,), "mask": (b, size, size) bool}, b <= B.
+    """
+    from tgan_ray.masks.prior import sample_mask_at
+
+    ids = batch["id"].astype(np.int64)
+    ids = ids[~np.isin(ids, done)]
+    masks = np.zeros((len(ids), size, size), dtype=bool)
+    for k, index in enumerate(ids):
+        masks[k] = sample_mask_at(prior, size, seed, int(index), border_policy)[0]
+    return {"index": ids, "mask": masks}
+
+
+def _to_u8(images: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+class GeneratorActor:
+    """Ray Data actor: pix2pix (mask -> 1st generation), then CycleGAN (1st -> 2nd generation).
+
+    Both generators are loaded once per actor. Outputs go back as uint8 (what the PNGs hold), a quarter of
+    float32 in the object store.
+
+    Args:
+        pix2pix_ref: object-store reference to the pix2pix stage's model.pt bytes (:func:`read_model`).
+        cyclegan_ref: the CycleGAN stage's model.pt bytes, or None for a pix2pix-only dataset.
+        device: "cpu" or "cuda".
+        batch_size: images per generator call.
+    """
+
+    def __init__(self, pix2pix_ref: list, cyclegan_ref: list | None, device: str, batch_size: int):
+        from tgan_ray.inference import load_generator
+
+        self.batch_size = batch_size
+        self.generators = []
+        # The refs come wrapped in a list so that Ray hands over the reference, not a copy of the bytes.
+        for ref in [pix2pix_ref[0]] + ([cyclegan_ref[0]] if cyclegan_ref else []):
+            path = local_copy(ref, ".pt")
+            try:
+                self.generators.append(load_generator(path, device))
+            finally:
+                os.unlink(path)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from tgan_ray.inference import run_generator
+
+        first = run_generator(self.generators[0], batch["mask"].astype(np.float32), self.batch_size)
+        out = {"index": batch["index"], "mask": batch["mask"], "image": _to_u8(first)}
+        if len(self.generators) > 1:
+            out["gen1"] = out["image"]
+            out["image"] = _to_u8(run_generator(self.generators[1], first, self.batch_size))
+        return out
+
+
+def pair_paths(index: int) -> dict[str, str]:
+    """Relative paths of pair ``index`` in a generated dataset."""
+    name = f"{index:07d}.png"
+    return {"image": f"images/{name}", "mask": f"masks/{name}", "gen1": f"gen1/{name}"}
+
+
+def write_pairs(
+    batch: dict[str, np.ndarray], out: str, storage: StorageConfig | None, seed: int, write_gen1: bool
+) -> dict[str, np.ndarray]:
+    """Ray Data task: write each pair's PNGs (each object atomic) and return one small manifest row per pair."""
+    from tgan_ray.io import write_mask_png, write_png
+
+    def write_one(k: int) -> None:
+        paths = pair_paths(int(batch["index"][k]))
+        write_mask_png(st.join(out, paths["mask"]), batch["mask"][k], storage)
+        if write_gen1 and "gen1" in batch:
+            write_png(st.join(out, paths["gen1"]), batch["gen1"][k], storage)
+        # The image last: a pair counts as done when its image and mask both exist.
+        write_png(st.join(out, paths["image"]), batch["image"][k], storage)
+
+    with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+        list(pool.map(write_one, range(len(batch["index"]))))
+    return {"index": batch["index"], "seed": np.full(len(batch["index"]), seed, dtype=np.int64)}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def _written(out: str, folder: str, storage: StorageConfig | None) -> set[int]:
+    """Indices with a PNG in ``<out>/<folder>/`` (one listing)."""
+    try:
+        files = st.list_files(st.join(out, folder), storage, exts=["png"])
+    except st.StorageNotFoundError:
+        return set()
+    found = (_PAIR_NAME.match(f.replace("\\", "/").rsplit("/", 1)[-1]) for f in files)
+    return {int(m.group(1)) for m in found if m}
+
+
+def check_settings(
+    out: str, settings: dict[str, Any], sources: dict[str, Any], storage: StorageConfig | None, name: str
+) -> None:
+    """A re-run into the same ``out`` must use the same settings, or its new files would not match the old
+    ones. The settings are kept in ``<out>/<name>``; ``sources`` (the paths) are recorded, not compared.
+
+    Raises:
+        ScaleOutError: ``out`` was filled with other settings; names them.
+    """
+    uri = st.join(out, name)
+    if st.exists(uri, storage):
+        try:
+            before = json.loads(st.read_bytes(uri, storage))
+        except json.JSONDecodeError:
+            before = None
+        if isinstance(before, dict):
+            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            if changed:
+                raise ScaleOutError(
+                    f"{out} holds outputs made with other settings ({', '.join(changed)}); "
+                    "use a new output, or the same settings to complete it"
+                )
+            return
+    st.write_bytes(uri, json.dumps({**settings, "sources": sources}, indent=2).encode(), storage)
+
+
+def _load_prior(data: bytes, prior_path: str):
+    from tgan_ray.masks.prior import MorphologyPrior
+
+    try:
+        prior = MorphologyPrior.from_dict(json.loads(data))
+        getattr(
+            prior, "cluster_sigma", None
+        )  # calibrate (cached) once here, not again in every sampling task
+        return prior
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ScaleOutError(f"{prior_path} is not a morphology prior (not its JSON)") from None
+    except ValueError as exc:
+        raise ScaleOutError(f"{prior_path}: {exc}") from None
+
+
+def _write_manifest(
+    out: str, indices: np.ndarray, seed: int, with_gen1: bool, storage: StorageConfig | None
+) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    indices = np.sort(indices)
+    names = [f"{i:07d}.png" for i in indices.tolist()]
+    columns = {
+        "index": pa.array(indices, pa.int64()),
+        "image": pa.array([f"images/{n}" for n in names], pa.string()),
+        "mask": pa.array([f"masks/{n}" for n in names], pa.string()),
+        "seed": pa.array(np.full(len(indices), seed, dtype=np.int64)),
+    }
+    if with_gen1:
+        columns["gen1"] = pa.array([f"gen1/{n}" for n in names], pa.string())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    uri = st.join(out, "manifest.parquet")
+    st.write_bytes(uri, sink.getvalue().to_pybytes(), storage)
+    return uri
+
+
+def generate_dataset(
+    prior_path: str | os.PathLike,
+    pix2pix_model: str | os.PathLike,
+    cyclegan_model: str | os.PathLike | None,
+    n: int,
+    out: str | os.PathLike,
+    cfg: Config,
+    seed: int | None = None,
+    write_gen1: bool = False,
+) -> GenerateResult:
+    """Generate (or complete) a virtual labelled dataset of ``n`` pairs with Ray Data.
+
+    Args:
+        prior_path: morphology prior (``prior.json`` of a run; local or s3://).
+        pix2pix_model: the pix2pix stage's ``model.pt`` (mask -> 1st generation).
+        cyclegan_model: the CycleGAN stage's ``model.pt`` (1st -> 2nd generation); None: the images are the
+            1st generation.
+        n: pairs wanted; indices 0..n-1.
+        out: local folder or ``s3://bucket/prefix``.
+        cfg: ``scale_out`` (batch size, actors, CPUs/GPUs per actor, masks per task), ``data.image_size``,
+            ``storage`` and ``ray``.
+        seed: seed of the masks; None: ``cfg.data.seed``.
+        write_gen1: also keep the 1st generation under ``gen1/`` (with a CycleGAN only).
+
+    Returns:
+        :class:`GenerateResult`; ``<out>/manifest.parquet`` lists all ``n`` pairs.
+
+    Raises:
+        StorageError: ``out`` (bucket, credentials, endpoint) is unusable; raised before any Ray work.
+        ScaleOutError: a missing model or prior, ``n`` < 1, settings that differ from an earlier run into
+            ``out``, or an actor pool that cannot fit the local Ray instance.
+    """
+    from tgan_ray.runtime import init_ray
+
+    start = time.monotonic()
+    out, storage = str(out).rstrip("/") if st.is_s3(out) else str(out), cfg.storage
+    if n < 1:
+        raise ScaleOutError(f"n={n}: ask for at least one pair")
+    seed = cfg.data.seed if seed is None else int(seed)
+    write_gen1 = write_gen1 and cyclegan_model is not None
+    st.check_access(out, storage)
+    for uri in (prior_path, pix2pix_model, cyclegan_model):
+        if uri is not None and st.is_s3(uri):
+            st.check_access(str(uri), storage)
+    prior_bytes = read_model(str(prior_path), storage, "morphology prior")
+    prior = _load_prior(prior_bytes, str(prior_path))
+    p2p_bytes = read_model(str(pix2pix_model), storage, "pix2pix model")
+    cyc_bytes = None if cyclegan_model is None else read_model(str(cyclegan_model), storage, "CycleGAN model")
+    check_generator(p2p_bytes, str(pix2pix_model))
+    if cyc_bytes is not None:
+        check_generator(cyc_bytes, str(cyclegan_model))
+    size = cfg.data.image_size
+    # Content hashes, not paths: the same files moved elsewhere may complete a dataset, retrained ones may not.
+    check_settings(
+        out,
+        {
+            "seed": seed,
+            "image_size": size,
+            "border_policy": cfg.prior.border_policy,
+            "prior_sha256": hashlib.sha256(prior_bytes).hexdigest(),
+            "pix2pix_sha256": hashlib.sha256(p2p_bytes).hexdigest(),
+            "cyclegan_sha256": None if cyc_bytes is None else hashlib.sha256(cyc_bytes).hexdigest(),
+        },
+        {
+            "prior": str(prior_path),
+            "pix2pix": str(pix2pix_model),
+            "cyclegan": cyclegan_model and str(cyclegan_model),
+        },
+        storage,
+        "generate.json",
+    )
+    done = _written(out, "images", storage) & _written(out, "masks", storage)
+    if write_gen1:
+        done &= _written(out, "gen1", storage)
+    done = {i for i in done if i < n}
+    todo = n - len(done)
+
+    if todo:
+        ray = init_ray(cfg.ray)
+        pool = actor_pool_options(cfg, free_cpus=RANGE_READ_CPUS)
+        p2p_ref = ray.put(p2p_bytes)
+        cyc_ref = None if cyc_bytes is None else ray.put(cyc_bytes)
+        per_task = cfg.scale_out.masks_per_task
+        ds = ray.data.range(n, override_num_blocks=max(1, math.ceil(n / per_task)))
+        ds = ds.map_batches(
+            sample_masks,
+            batch_size=per_task,
+            num_cpus=SAMPLE_TASK_CPUS,
+            fn_kwargs={
+                "prior": prior,
+                "size": size,
+                "seed": seed,
+                "border_policy": cfg.prior.border_policy,
+                "done": np.fromiter(sorted(done), dtype=np.int64, count=len(done)),
+            },
+        )
+        ds = ds.map_batches(
+            GeneratorActor,
+            batch_size=cfg.scale_out.batch_size,
+            fn_constructor_kwargs={
+                "pix2pix_ref": [p2p_ref],
+                "cyclegan_ref": [cyc_ref] if cyc_ref else None,
+                "device": device_for(cfg),
+                "batch_size": cfg.scale_out.batch_size,
+            },
+            **pool,
+        )
+        ds = ds.map_batches(
+            write_pairs,
+            batch_size=cfg.scale_out.batch_size,
+            num_cpus=IO_TASK_CPUS,
+            fn_kwargs={"out": out, "storage": storage, "seed": seed, "write_gen1": write_gen1},
+        )
+        new = [b["index"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+        new_indices = np.concatenate(new) if new else np.zeros(0, np.int64)
+    else:
+        new_indices = np.zeros(0, np.int64)
+
+    indices = np.union1d(np.fromiter(done, dtype=np.int64, count=len(done)), new_indices)
+    if len(indices) != n:  # cannot happen unless a worker dropped rows; never commit a short manifest
+        raise ScaleOutError(f"generated {len(indices)} of {n} pairs in {out}; run again to complete it")
+    manifest = _write_manifest(out, indices, seed, write_gen1, storage)
+    return GenerateResult(out, manifest, n, int(len(new_indices)), len(done), time.monotonic() - start)
+
+
+# ---------------------------------------------------------------------------------------------- from a run
+
+
+def _model_in(checkpoint_path: str, cfg: Config) -> str:
+    """``model.pt`` of a stage checkpoint; Ray Train records S3 checkpoints as ``bucket/prefix``."""
+    path = str(checkpoint_path)
+    if not st.is_s3(path) and not os.path.exists(path) and st.is_s3(cfg.ray.storage_path or ""):
+        path = "s3://" + path.lstrip("/")
+    return st.join(path, "model.pt")
+
+
+def find_run_models(run_dir: str | os.PathLike, cfg: Config) -> dict[str, str]:
+    """The last finished round's prior and best pix2pix / CycleGAN models of a pipeline run.
+
+    Returns:
+        ``{"round", "prior", "pix2pix", "cyclegan"}`` (paths or URIs).
+
+    Raises:
+        ScaleOutError: no run manifest, or no round with both GAN stages finished.
+    """
+    run = Path(run_dir)
+    path = run / "manifest.json"
+    if not path.is_file():
+        raise ScaleOutError(f"not a pipeline run folder (no manifest.json): {run}")
+    try:
+        steps = json.loads(path.read_text()).get("steps", {})
+    except json.JSONDecodeError as exc:
+        raise ScaleOutError(f"run manifest {path} is corrupt ({exc.msg})") from None
+    rounds = sorted(
+        (int(m.group(1)) for m in (re.match(r"^round(\d+)/cyclegan$", k) for k in steps) if m), reverse=True
+    )
+    for r in rounds:
+        p2p, cyc = steps.get(f"round{r}/pix2pix", {}), steps.get(f"round{r}/cyclegan", {})
+        if p2p.get("status") == "done" and cyc.get("status") == "done":
+            return {
+                "round": r,
+                "prior": str(run / f"round{r}" / "prior.json"),
+                "pix2pix": _model_in(p2p["outputs"]["checkpoint_path"], cfg),
+                "cyclegan": _model_in(cyc["outputs"]["checkpoint_path"], cfg),
+            }
+    raise ScaleOutError(f"run {run} has no round with pix2pix and CycleGAN both finished")
+
+
+def generate_from_run(
+    run_dir: str | os.PathLike,
+    n: int,
+    out: str | os.PathLike,
+    cfg: Config,
+    seed: int | None = None,
+    write_gen1: bool = False,
+) -> GenerateResult:
+    """:func:`generate_dataset` with the prior and best GANs of a pipeline run's last finished round."""
+    found = find_run_models(run_dir, cfg)
+    return generate_dataset(
+        found["prior"], found["pix2pix"], found["cyclegan"], n, out, cfg, seed, write_gen1
+    )
