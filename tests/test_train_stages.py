@@ -122,7 +122,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
         "val_images": images[:2],
         "val_masks": masks[:2],
     }
-    cfg = _cfg(tmp_path, **{"segmenter.epochs": 3, "segmenter.steps_per_epoch": 2, "segmenter.batch_size": 4})
+    cfg = _cfg(tmp_path, **{"segmenter.epochs": 5, "segmenter.steps_per_epoch": 3, "segmenter.batch_size": 4})
     marker = tmp_path / "killed-once"
     result = train_stage(
         "segmenter",
@@ -131,14 +131,14 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
         cfg,
         tmp_path / "run",
         name="seg-fault",
-        extra_config={"fault_injection": {"epoch": 2, "marker": str(marker)}},
+        extra_config={"fault_injection": {"epoch": 4, "marker": str(marker)}},
     )
     assert marker.exists(), "the worker was never killed"
     state = torch.load(Path(result.latest_checkpoint_path) / CHECKPOINT_STATE, weights_only=True)
-    # Killed during epoch 3: the restart resumed from a stored checkpoint (epoch 1 or 2, depending on whether the
-    # controller had registered epoch 2's report before the kill), not from scratch, and finished the run.
+    # Killed during the last epoch: the restart resumed from a stored checkpoint, not from scratch, and finished.
+    # (Which one depends on how many of the reports Ray's controller had registered before the kill.)
     assert len(state["starts"]) == 2 and state["starts"][0] == 0 and state["starts"][1] >= 1
-    assert state["epoch"] == 2
+    assert state["epoch"] == 4
 
 
 def test_unknown_stage_names_the_choices(tmp_path):
