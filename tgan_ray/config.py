@@ -50,6 +50,12 @@ class DataConfig(_Section):
         ge=1,
         description="Crops of real frames drawn for GAN training (pix2pix pairs, CycleGAN domain B).",
     )
+    positive_crops: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Share of pix2pix training crops drawn where the rough masks have particles.",
+    )
     subset1_size: int = Field(
         5, ge=1, description="Images in subset 1, the rough-mask pix2pix set (paper: 5)."
     )
@@ -101,6 +107,13 @@ class RoughMaskConfig(_Section):
 
 class PriorConfig(_Section):
     n_masks: int = Field(1000, ge=1, description="Random masks sampled from the morphology prior (step 4).")
+    max_empty_fraction: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Largest share of virtual masks with no particle. Sparse stacks leave most "
+        "tiles empty; draws are skipped past this share so the segmenter sees particles (shapes stay faithful).",
+    )
     border_policy: Literal["clip", "exclude"] = Field(
         "clip", description="Particles crossing the mask border: 'clip' them as real frames do, or 'exclude'."
     )
@@ -155,7 +168,8 @@ class SegmenterConfig(_Section):
         None, description="None (offline default), 'imagenet' if it can load, or a local .pth file."
     )
     decoder_channels: list[int] | None = Field(
-        None, description="UNet/UNet++ decoder widths, deepest first; None: smp's default (256, 128, 64, 32, 16)."
+        None,
+        description="UNet/UNet++ decoder widths, deepest first; None: smp's default (256, 128, 64, 32, 16).",
     )
     epochs: int = Field(150, ge=1, description="Training epochs (paper: 150).")
     batch_size: int = Field(4, ge=1, description="Images per step per worker (paper: 4).")
@@ -173,7 +187,9 @@ class SegmenterConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray instance.")
     # Not 0: Ray Train's in-process mode keeps no checkpoints, and every stage's result is its checkpoint.
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks): GPUs across nodes, or CPUs.")
+    num_workers: int = Field(
+        1, ge=1, description="Ray Train workers (DDP ranks): GPUs across nodes, or CPUs."
+    )
     use_gpu: Literal["auto", "yes", "no"] = Field(
         "auto", description="GPU workers: auto uses them if present."
     )

@@ -226,12 +226,19 @@ class Pipeline:
         masks = [_load_mask(Path(rough["folder"]) / f"{s}.png") for s in stack["subset1"]]
         prior = MorphologyPrior.from_masks(masks)
         size = self.cfg.data.image_size
-        sampled = np.stack(
-            [
-                sample_mask_at(prior, size, self.cfg.data.seed + 1000 * rnd, i)[0]
-                for i in range(self.cfg.prior.n_masks)
-            ]
-        )
+        seed = self.cfg.data.seed + 1000 * rnd
+        n, max_empty = self.cfg.prior.n_masks, int(self.cfg.prior.max_empty_fraction * self.cfg.prior.n_masks)
+        kept, empty, index = [], 0, 0
+        # Each mask stays reproducible from (seed, index); empty draws past the allowed share are skipped.
+        while len(kept) < n and index < 50 * n:
+            mask = sample_mask_at(prior, size, seed, index)[0]
+            index += 1
+            if not mask.any():
+                if empty >= max_empty:
+                    continue
+                empty += 1
+            kept.append(mask)
+        sampled = np.stack(kept)
         ks = compare_to_prior(prior, list(sampled))
         folder = self.run_dir / f"round{rnd}"
         prior.save(folder / "prior.json")
@@ -249,7 +256,9 @@ class Pipeline:
 
         images = [self._work(s) for s in stems]
         masks = [_load_mask(masks_folder / f"{s}.png") for s in stems] if masks_folder else None
-        return random_crops(images, self.cfg.data.image_size, n, self.rng, masks)
+        return random_crops(
+            images, self.cfg.data.image_size, n, self.rng, masks, self.cfg.data.positive_crops
+        )
 
     # -- step 3: pix2pix ------------------------------------------------------------------------------------------
     def pix2pix_data(self, stack: dict, rough: dict, prior: dict, rnd: int) -> dict[str, np.ndarray]:
@@ -342,14 +351,25 @@ class Pipeline:
         scores = {"gen1": kid("gen1"), "gen2": kid("gen2")}
         source = "gen2" if scores["gen2"] <= scores["gen1"] else "gen1"
         if source == "gen1":
-            self.log(f"   CycleGAN output is less realistic than pix2pix's (KID {scores['gen2']:.4g} vs "
-                     f"{scores['gen1']:.4g}): the virtual dataset uses the 1st generation; "
-                     "train CycleGAN longer (cyclegan.epochs) to get the 2nd")
+            self.log(
+                f"   CycleGAN output is less realistic than pix2pix's (KID {scores['gen2']:.4g} vs "
+                f"{scores['gen1']:.4g}): the virtual dataset uses the 1st generation; "
+                "train CycleGAN longer (cyclegan.epochs) to get the 2nd"
+            )
         self.tracker.log_metrics({f"round{rnd}/virtual_kid_{k}": v for k, v in scores.items()})
-        pairs = [{"image": f"{source}/{n}", "mask": f"masks/{n}", "first_generation": f"gen1/{n}"} for n in names]
-        write_json(virtual / "manifest.json", {"pairs": pairs, "count": len(pairs), "source": source,
-                                               "kid_random-resnet18": scores})
-        return {"manifest": str(virtual / "manifest.json"), "count": len(pairs), "source": source, "kid": scores}
+        pairs = [
+            {"image": f"{source}/{n}", "mask": f"masks/{n}", "first_generation": f"gen1/{n}"} for n in names
+        ]
+        write_json(
+            virtual / "manifest.json",
+            {"pairs": pairs, "count": len(pairs), "source": source, "kid_random-resnet18": scores},
+        )
+        return {
+            "manifest": str(virtual / "manifest.json"),
+            "count": len(pairs),
+            "source": source,
+            "kid": scores,
+        }
 
     # -- step 7: NPsSegNet ----------------------------------------------------------------------------------------
     def step_segmenter(self, prior: dict, virtual_step: dict, rnd: int) -> dict[str, Any]:

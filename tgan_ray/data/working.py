@@ -48,8 +48,12 @@ def random_crops(
     n_total: int,
     rng: np.random.Generator,
     masks: list[np.ndarray] | None = None,
+    positive_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Draw ``n_total`` square crops spread evenly over the images (padded by reflection when smaller).
+
+    With masks, ``positive_fraction`` of the crops are drawn around a particle pixel of the mask:
+    in a sparse stack most tiles are empty, and a GAN that rarely sees a particle never learns to draw one.
 
     Returns:
         (crops N x size x size float32, mask crops N x size x size uint8 or None).
@@ -58,11 +62,18 @@ def random_crops(
     for k in range(n_total):
         j = k % len(images)
         img = _pad_to(images[j], size)
-        y = rng.integers(0, img.shape[0] - size + 1)
-        x = rng.integers(0, img.shape[1] - size + 1)
+        m = _pad_to(masks[j].astype(np.uint8), size) if masks is not None else None
+        if m is not None and k < positive_fraction * n_total and m.any():
+            # Draw around a random particle pixel: any crop position that still contains it.
+            ys, xs = np.nonzero(m)
+            p = rng.integers(len(ys))
+            y = rng.integers(max(0, ys[p] - size + 1), min(ys[p], img.shape[0] - size) + 1)
+            x = rng.integers(max(0, xs[p] - size + 1), min(xs[p], img.shape[1] - size) + 1)
+        else:
+            y = rng.integers(0, img.shape[0] - size + 1)
+            x = rng.integers(0, img.shape[1] - size + 1)
         out_i.append(img[y : y + size, x : x + size])
-        if masks is not None:
-            m = _pad_to(masks[j].astype(np.uint8), size)
+        if m is not None:
             out_m.append(m[y : y + size, x : x + size])
     crops = np.stack(out_i).astype(np.float32)
     return crops, (np.stack(out_m).astype(np.uint8) if masks is not None else None)

@@ -7,6 +7,7 @@ parse config -> set up the worker -> build the stage -> restore the latest check
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ def _resolve(value: Any) -> Any:
     import ray
 
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def _progress(message: str) -> None:
+    # Straight to the process's stdout (which Ray streams to the driver once): Train V2 patches print() and
+    # tees it when another library has wrapped sys.stdout, which printed every line twice.
+    sys.__stdout__.write(message + "\n")
+    sys.__stdout__.flush()
 
 
 def _format_eta(seconds: float) -> str:
@@ -56,9 +64,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stage.load_state_dict(state["stage"])
         start_epoch, best, starts = state["epoch"] + 1, state.get("best"), state.get("starts", [])
         if ctx.is_main:
-            print(
-                f"[{config['stage']}] resumed from the checkpoint of epoch {state['epoch'] + 1}", flush=True
-            )
+            _progress(f"[{config['stage']}] resumed from the checkpoint of epoch {state['epoch'] + 1}")
     starts = [*starts, start_epoch]  # where each (re)start began: the record of resumes
 
     tracking = config.get("tracking") or {}
@@ -100,12 +106,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 for k, v in metrics.items()
                 if isinstance(v, float) and not k.endswith(("lr", "epoch_s")) and "std" not in k
             )
-            print(
-                f"[{config['stage']}] epoch {epoch + 1}/{stage.num_epochs} {shown} ETA {_format_eta(eta)}",
-                flush=True,
+            _progress(
+                f"[{config['stage']}] epoch {epoch + 1}/{stage.num_epochs} {shown} ETA {_format_eta(eta)}"
             )
         if is_eval:
             # Every rank reports the same number of times; only rank 0 carries the checkpoint and the score.
             ray.train.report(metrics if ctx.is_main else {"epoch": epoch + 1}, checkpoint=checkpoint)
     if start_epoch > last and ctx.is_main:
-        print(f"[{config['stage']}] already complete ({stage.num_epochs} epochs)", flush=True)
+        _progress(f"[{config['stage']}] already complete ({stage.num_epochs} epochs)")

@@ -1,0 +1,26 @@
+"""The working scale and the crops GANs train on."""
+
+import numpy as np
+
+from tgan_ray.config import DataConfig
+from tgan_ray.data.working import random_crops, to_original, to_working, working_scale
+
+
+def test_positive_crops_find_the_rare_particles():
+    image = np.zeros((512, 512), np.float32)
+    mask = np.zeros((512, 512), bool)
+    mask[400:410, 30:40] = True  # one particle in a big, otherwise empty frame
+    rng = np.random.default_rng(0)
+    _, surely = random_crops([image], 64, 20, rng, [mask], positive_fraction=1.0)
+    assert all(m.any() for m in surely)
+    _, plain = random_crops([image], 64, 20, np.random.default_rng(0), [mask], positive_fraction=0.0)
+    assert sum(m.any() for m in plain) < 10
+
+
+def test_scale_rules_and_round_trip():
+    assert working_scale((1024, 512), DataConfig(image_size=512, resize_mode="resize")) == 0.5
+    assert working_scale((1024, 512), DataConfig(image_size=64, resize_mode="tile", scale=0.25)) == 0.25
+    frame = np.random.default_rng(1).random((100, 80)).astype(np.float32)
+    small = to_working(frame, 0.5)
+    assert small.shape == (50, 40)
+    assert to_original(small, frame.shape).shape == frame.shape
