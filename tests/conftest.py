@@ -10,6 +10,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Fake S3 credentials before the session's Ray starts: Ray workers inherit the starting process's environment,
+# so workers reading from the tests' local S3 endpoint see the same keys as the driver.
+_TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+for _key, _value in _TEST_CREDENTIALS.items():
+    os.environ.setdefault(_key, _value)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -77,6 +86,25 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture()
+def moto_auth(s3_server):
+    """``set_auth("0")`` switches moto's IAM checks on ("inf": off) and returns the previous setting."""
+    import json
+    import urllib.request
+
+    def set_auth(initial_no_auth_count: str) -> str:
+        request = urllib.request.Request(
+            f"{s3_server}/moto-api/reset-auth",
+            data=initial_no_auth_count.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},  # a form content type would hide the body from moto
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
+
+    return set_auth
 
 
 @pytest.fixture()

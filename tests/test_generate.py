@@ -23,22 +23,7 @@ SIZE, N = 64, 12
 
 @pytest.fixture(scope="module")
 def ray_s3(s3_server, ray_local):
-    """Ray workers inherit the environment of the process that started Ray. When another test module started
-    the session's Ray before the S3 fixture set the test credentials, restart it so its workers see them."""
-    import os
-
-    ray = ray_local
-
-    @ray.remote(num_cpus=0)
-    def worker_key():
-        return os.environ.get("AWS_ACCESS_KEY_ID")
-
-    if ray.get(worker_key.remote()) != os.environ.get("AWS_ACCESS_KEY_ID"):
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
+    """The session's Ray and the local S3 endpoint (Ray's workers got the test credentials from conftest)."""
     return s3_server
 
 

@@ -20,26 +20,8 @@ from tgan_ray.segment import STATUS_ERROR, STATUS_REUSED, STATUS_SEGMENTED, segm
 N_IMAGES, SIZE = 5, 96
 
 
-def ensure_ray_sees_s3_credentials(ray) -> None:
-    """Ray workers inherit the environment of the process that started Ray. When another test module started
-    the session's Ray before the S3 fixture set the test credentials, restart it so its workers see them."""
-    import os
-
-    @ray.remote(num_cpus=0)
-    def worker_key():
-        return os.environ.get("AWS_ACCESS_KEY_ID")
-
-    if ray.get(worker_key.remote()) != os.environ.get("AWS_ACCESS_KEY_ID"):
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-
-
 @pytest.fixture(scope="module")
 def ray_s3(s3_server, ray_local):
-    ensure_ray_sees_s3_credentials(ray_local)
     return s3_server
 
 
@@ -177,20 +159,6 @@ def test_segment_local_stack_with_pixel_size(ray_local, tmp_path, segmenter_path
         segment_stack(tmp_path / "other.pt", stack_dir, tmp_path / "out", cfg)
 
 
-def _set_moto_auth(endpoint: str, initial_no_auth_count: str) -> str:
-    """Switch moto's IAM checks on ("0") or off ("inf"); returns the previous setting (as tests/test_storage.py)."""
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"{endpoint}/moto-api/reset-auth",
-        data=initial_no_auth_count.encode(),
-        method="POST",
-        headers={"Content-Type": "text/plain"},  # a form content type would hide the body from moto
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
-
-
 @pytest.fixture()
 def no_ray_work(monkeypatch):
     """Fail the test if segment_stack gets as far as starting Ray work."""
@@ -202,11 +170,13 @@ def no_ray_work(monkeypatch):
     monkeypatch.setattr(tgan_ray.runtime, "init_ray", tripwire)
 
 
-def test_segment_bad_credentials_fail_before_ray_work(s3_bucket, segmenter_path, no_ray_work, monkeypatch):
+def test_segment_bad_credentials_fail_before_ray_work(
+    s3_bucket, segmenter_path, no_ray_work, monkeypatch, moto_auth
+):
     endpoint, bucket = s3_bucket
     cfg = _cfg(**{"storage.s3_endpoint_url": endpoint})
     s3_client(cfg.storage).put_object(Bucket=bucket, Key="stack/a.png", Body=b"x")
-    previous = _set_moto_auth(endpoint, "0")
+    previous = moto_auth("0")
     try:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
@@ -215,7 +185,7 @@ def test_segment_bad_credentials_fail_before_ray_work(s3_bucket, segmenter_path,
         assert "very-secret-value" not in str(err.value) and "AKIAWRONG" not in str(err.value)
         assert len(str(err.value).splitlines()) == 1
     finally:
-        _set_moto_auth(endpoint, previous)
+        moto_auth(previous)
 
 
 def test_segment_missing_bucket_fails_before_ray_work(s3_bucket, segmenter_path, no_ray_work, tmp_path):

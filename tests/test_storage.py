@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import time
-import urllib.request
 import uuid
 
 import numpy as np
@@ -219,19 +218,7 @@ def test_check_access_unreachable_endpoint_fails_fast():
         check_access("s3://bucket/x", StorageConfig(s3_endpoint_url="localhost:9000"))
 
 
-def _set_moto_auth(endpoint: str, initial_no_auth_count: str) -> str:
-    """Switch moto's IAM checks on ("0") or off ("inf"); returns the previous setting."""
-    request = urllib.request.Request(
-        f"{endpoint}/moto-api/reset-auth",
-        data=initial_no_auth_count.encode(),
-        method="POST",
-        headers={"Content-Type": "text/plain"},  # a form content type would hide the body from moto
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
-
-
-def test_check_access_rejected_credentials(s3_bucket, monkeypatch):
+def test_check_access_rejected_credentials(s3_bucket, monkeypatch, moto_auth):
     """moto accepts any key unless its IAM checks are on: create a real key, switch them on, try wrong ones."""
     import boto3
 
@@ -244,7 +231,7 @@ def test_check_access_rejected_credentials(s3_bucket, monkeypatch):
     iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName=user)["AccessKey"]
 
-    previous = _set_moto_auth(endpoint, "0")
+    previous = moto_auth("0")
     try:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
@@ -260,7 +247,7 @@ def test_check_access_rejected_credentials(s3_bucket, monkeypatch):
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         check_access(f"s3://{bucket}/data", storage)
     finally:
-        _set_moto_auth(endpoint, previous)
+        moto_auth(previous)
 
 
 def test_missing_credentials(s3_bucket, monkeypatch, tmp_path):
