@@ -18,7 +18,7 @@ from tgan_ray.data.tiling import (
     unresize,
     untile,
 )
-from tgan_ray.data.transforms import reseed, train_transform
+from tgan_ray.data.transforms import reseed, segmenter_transform, train_transform
 from tgan_ray.data.transforms import test_transform as make_test_transform
 
 NAMES = [f"img_{i:02d}.png" for i in range(20)]
@@ -199,6 +199,21 @@ def test_noise_is_image_only_and_clipped():
         # by noise and keeps its area up to the geometric resampling.
         assert abs(int(out["mask"].sum()) - int(mask.sum())) < 0.3 * mask.sum()
     assert changed == 5
+
+
+def test_segmenter_transform_adds_the_measured_noise_and_varies_exposure():
+    mask = _blobs()
+    flat = np.full(mask.shape, 0.5, np.float32)
+    aug = segmenter_transform(noise_std=0.05, seed=0)
+    outs = [aug(image=flat, mask=mask) for _ in range(40)]
+    # Noise std drawn from [0.75, 1.5] x 0.05 (p=0.9): far above the paper's 0.012-0.028 range.
+    noisy = [o["image"].std() for o in outs if o["image"].std() > 0.01]
+    assert len(noisy) >= 30 and 0.02 < np.median(noisy) < 0.08
+    means = [o["image"].mean() for o in outs]
+    assert np.ptp(means) > 0.1  # brightness / gamma move the whole frame
+    for o in outs:
+        assert 0.0 <= o["image"].min() and o["image"].max() <= 1.0
+        assert abs(int(o["mask"].sum()) - int(mask.sum())) < 0.3 * mask.sum()
 
 
 def test_reseed_gives_steps_one_shared_stream():

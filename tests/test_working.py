@@ -1,9 +1,17 @@
 """The working scale and the crops GANs train on."""
 
 import numpy as np
+import pytest
 
 from tgan_ray.config import DataConfig
-from tgan_ray.data.working import random_crops, to_original, to_working, working_scale
+from tgan_ray.data.working import (
+    missing_noise_std,
+    noise_std,
+    random_crops,
+    to_original,
+    to_working,
+    working_scale,
+)
 
 
 def test_positive_crops_find_the_rare_particles():
@@ -24,3 +32,17 @@ def test_scale_rules_and_round_trip():
     small = to_working(frame, 0.5)
     assert small.shape == (50, 40)
     assert to_original(small, frame.shape).shape == frame.shape
+
+
+def test_noise_std_measures_pixel_noise_beside_structure():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    clean = (0.3 + 0.2 * np.sin(xx / 9.0) + 0.4 * (((yy - 64) ** 2 + (xx - 40) ** 2) < 100)).astype(
+        np.float32
+    )
+    real = [clean + rng.normal(0, 0.05, clean.shape).astype(np.float32) for _ in range(3)]
+    virtual = [clean + rng.normal(0, 0.03, clean.shape).astype(np.float32) for _ in range(3)]
+    assert noise_std(real) == pytest.approx(0.05, rel=0.15)
+    assert missing_noise_std(real, virtual) == pytest.approx(0.04, rel=0.2)
+    assert missing_noise_std(virtual, real) == 0.0  # never negative: smoother real frames need no noise
+    assert noise_std([]) == 0.0

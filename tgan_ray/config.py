@@ -151,6 +151,12 @@ class GANConfig(_Section):
 
 class Pix2PixConfig(GANConfig):
     lambda_l1: float = Field(10.0, ge=0, description="Weight of the L1 term (paper: 10).")
+    noise_channels: int = Field(
+        1,
+        ge=0,
+        description="Noise maps given to the generator beside the mask, so one mask can become many images "
+        "(the reference pix2pix uses dropout; U-Net++ has none). 0: deterministic.",
+    )
 
 
 class CycleGANConfig(GANConfig):
@@ -179,6 +185,17 @@ class SegmenterConfig(_Section):
     lr_step: int = Field(5, ge=1, description="StepLR step, epochs.")
     lr_gamma: float = Field(0.9, gt=0, le=1, description="StepLR decay factor.")
     focal_alpha: float = Field(0.25, ge=0, le=1, description="Focal loss alpha.")
+    augment: Literal["paper", "em"] = Field(
+        "em",
+        description="paper: Flip, ShiftScaleRotate, GaussNoise. em: also brightness/contrast/gamma, and the "
+        "pixel noise the virtual images lack compared with the real stack (measured).",
+    )
+    min_particle_fraction: float = Field(
+        1.0,
+        ge=0,
+        description="Predicted objects smaller than this x the prior's 5th-percentile particle area are "
+        "dropped (and holes that small filled). 0: keep every pixel the network marks.",
+    )
     val_every: int = Field(1, ge=1, description="Validate every k epochs.")
     tile_overlap: float = Field(0.25, ge=0, lt=1, description="Sliding-window overlap at inference.")
     inference_batch_size: int = Field(8, ge=1, description="Tiles per forward pass at inference.")

@@ -36,7 +36,9 @@ def load_generator(model_path: str | Path, device: str | torch.device | None = N
         raise ValueError(f"{path} is not a GAN generator checkpoint (kind={artefact.get('kind')!r})")
     cfg = artefact["config"]
     net = define_generator(
-        encoder=cfg["generator_encoder"], decoder_channels=tuple(cfg["generator_decoder_channels"])
+        encoder=cfg["generator_encoder"],
+        decoder_channels=tuple(cfg["generator_decoder_channels"]),
+        noise_channels=int(cfg.get("noise_channels", 0)),  # pix2pix only; CycleGAN has none
     )
     net.load_state_dict(artefact["generator"])
     return net.to(pick_device(device) if not isinstance(device, torch.device) else device).eval()
@@ -80,6 +82,8 @@ class Segmenter:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.data_cfg = data_cfg or DataConfig.model_validate(self.meta.get("data", {}))
         self.seg_cfg = seg_cfg or SegmenterConfig()
+        # Smallest particle, px at the working scale: written by the pipeline from its morphology prior.
+        self.min_particle_px = float(self.meta.get("min_particle_px") or 0.0)
 
     @torch.no_grad()
     def _predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
@@ -114,8 +118,29 @@ class Segmenter:
 
     def segment_working(self, work: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         """Boolean mask of a frame at the working scale (the rough segmenter of later rounds)."""
-        return self.probability_working(work) > threshold
+        return clean_mask(self.probability_working(work) > threshold, self.min_particle_px)
 
     def segment(self, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         """Boolean particle mask of a normalised frame, at its original resolution."""
-        return self.probability(image) > threshold
+        return self.to_mask(self.probability(image), threshold)
+
+    def to_mask(self, probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """Particle probability at a frame's original resolution -> its cleaned boolean mask."""
+        from tgan_ray.data.working import working_scale
+
+        scale = working_scale(probability.shape, self.data_cfg)
+        return clean_mask(probability > threshold, self.min_particle_px / scale**2)
+
+
+def clean_mask(mask: np.ndarray, min_area: float) -> np.ndarray:
+    """Drop objects and fill holes of at most ``min_area`` px: specks of noise are not particles.
+
+    A network trained on virtual images marks a few single-digit-pixel specks of shot noise or support texture.
+    Real particles are never smaller than the morphology prior's smallest ones, so these can only be errors.
+    """
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    if min_area < 1 or not mask.any():
+        return mask
+    area = max(int(min_area), 1)
+    return remove_small_holes(remove_small_objects(mask, max_size=area), max_size=area)

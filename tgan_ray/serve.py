@@ -306,12 +306,11 @@ class SegmentationService:
         tiles, tilemap = tile_image(work, d.image_size, self.segmenter.seg_cfg.tile_overlap)
         return image, tiles, tilemap
 
-    @staticmethod
-    def _to_mask(probs: np.ndarray, tilemap, shape: tuple[int, int]) -> np.ndarray:
+    def _to_mask(self, probs: np.ndarray, tilemap, shape: tuple[int, int]) -> np.ndarray:
         from tgan_ray.data.tiling import untile
         from tgan_ray.data.working import to_original
 
-        return to_original(untile(probs, tilemap), shape) > MASK_THRESHOLD
+        return self.segmenter.to_mask(to_original(untile(probs, tilemap), shape), MASK_THRESHOLD)
 
     def _analyse(self, mask: np.ndarray, name: str, pixel_size_nm: float | None) -> tuple[list, dict]:
         from tgan_ray.analysis import measure_particles, psd_summary

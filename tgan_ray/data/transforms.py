@@ -24,6 +24,10 @@ SCALE_LIMIT = 0.1
 ROTATE_LIMIT = 45.0
 # 1.x GaussNoise default var_limit=(10, 50) on 0..255 images, i.e. std sqrt(10)/255 .. sqrt(50)/255 on [0, 1].
 NOISE_STD_RANGE = (10**0.5 / 255, 50**0.5 / 255)
+# Exposure jitter of the segmenter's virtual images (see segmenter_transform).
+BRIGHTNESS_LIMIT = 0.2
+CONTRAST_LIMIT = 0.3
+GAMMA_LIMIT = (70, 150)
 
 
 def paper_flip(p: float = 0.5) -> A.BasicTransform:
@@ -74,6 +78,45 @@ def train_transform(
             paper_flip(p),
             shift_scale_rotate(p),
             A.GaussNoise(std_range=noise_std_range, mean_range=(0.0, 0.0), p=p),
+        ]
+    )
+    if seed is not None:
+        reseed(pipeline, seed)
+    return pipeline
+
+
+def segmenter_transform(noise_std: float | None = None, p: float = 0.5, seed: int | None = None) -> A.Compose:
+    """NPsSegNet training augmentation for virtual images: the paper's, plus exposure jitter and real noise.
+
+    GAN images at small training budgets are smoother than the micrographs and span less of their exposure
+    range (support thickness and detector gain vary between frames). A segmenter trained on them alone mistakes
+    shot-noise specks for particles. So brightness, contrast and gamma vary, and the Gaussian noise is the noise
+    the virtual images lack compared with the real stack (the pipeline measures it), not the paper's fixed range.
+
+    Args:
+        noise_std: Pixel noise std (fraction of [0, 1]) to add; each item draws from [0.75, 1.5] x this, with
+            probability 0.9 (added noise is uncorrelated, so it hides particles less than the real, rescaled
+            noise of the same std: the range leans high). None: the paper's GaussNoise.
+        p: Probability of each geometric step (paper: 0.5).
+        seed: Seed of the pipeline's own random generator (None: random).
+
+    Returns:
+        Pipeline called as ``aug(image=float32 HxW, mask=uint8 HxW)``.
+    """
+    noise = (
+        A.GaussNoise(std_range=(0.75 * noise_std, 1.5 * noise_std), mean_range=(0.0, 0.0), p=0.9)
+        if noise_std
+        else A.GaussNoise(std_range=NOISE_STD_RANGE, mean_range=(0.0, 0.0), p=p)
+    )
+    pipeline = A.Compose(
+        [
+            paper_flip(p),
+            shift_scale_rotate(p),
+            A.RandomBrightnessContrast(
+                brightness_limit=BRIGHTNESS_LIMIT, contrast_limit=CONTRAST_LIMIT, p=0.8
+            ),
+            A.RandomGamma(gamma_limit=GAMMA_LIMIT, p=0.5),
+            noise,
         ]
     )
     if seed is not None:

@@ -24,6 +24,7 @@ from torch.nn import init
 __all__ = [
     "DISCRIMINATORS",
     "ImagePool",
+    "NoiseInput",
     "PatchGANDiscriminator",
     "build_smp_model",
     "count_batchnorm",
@@ -234,6 +235,7 @@ def define_generator(
     encoder_weights: str | None = None,
     in_channels: int = 1,
     out_channels: int = 1,
+    noise_channels: int = 0,
 ) -> nn.Module:
     """U-Net++ generator with a tanh output (images live in [-1, 1]).
 
@@ -246,6 +248,8 @@ def define_generator(
         encoder_weights: ``None`` (offline default), ``"imagenet"`` (if it can download) or a local .pth file.
         in_channels: Input channels.
         out_channels: Output channels.
+        noise_channels: Gaussian noise channels drawn inside ``forward`` and stacked on the input
+            (:class:`NoiseInput`); 0: a deterministic generator.
 
     Returns:
         The generator.
@@ -254,16 +258,42 @@ def define_generator(
         input (N, in_channels, H, W) -> output (N, out_channels, H, W), H and W multiples of 32.
     """
     decoder_channels = tuple(int(c) for c in decoder_channels)
-    return build_smp_model(
+    net = build_smp_model(
         "unetplusplus",
         encoder,
         encoder_weights,
-        in_channels,
+        in_channels + noise_channels,
         out_channels,
         encoder_depth=len(decoder_channels),
         decoder_channels=decoder_channels,
         activation="tanh",
     )
+    return NoiseInput(net, noise_channels) if noise_channels else net
+
+
+class NoiseInput(nn.Module):
+    """Stacks ``channels`` maps of N(0, 1) noise on the input of ``net``: a stochastic mask -> image generator.
+
+    A deterministic generator maps one mask to one image: every empty mask gets the same support, and it cannot
+    draw shot noise or texture, only their mean. The reference pix2pix gets its randomness from dropout in the
+    U-Net; smp's U-Net++ has none, so the noise is an input here (as in BicycleGAN). It is drawn in ``forward``,
+    so training, validation, export and inference all see it without any caller knowing.
+
+    Args:
+        net: The generator, built for ``in_channels + channels`` inputs.
+        channels: Noise maps per sample.
+
+    Shape:
+        input (N, C, H, W) -> ``net`` on (N, C + channels, H, W).
+    """
+
+    def __init__(self, net: nn.Module, channels: int):
+        super().__init__()
+        self.net, self.channels = net, channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(x.shape[0], self.channels, *x.shape[2:], device=x.device, dtype=x.dtype)
+        return self.net(torch.cat((x, noise), 1))
 
 
 class PatchGANDiscriminator(nn.Module):

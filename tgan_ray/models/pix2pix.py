@@ -47,6 +47,7 @@ class Pix2PixModel(GANModel):
         beta2: Adam beta2.
         in_channels: Mask channels.
         out_channels: Image channels.
+        noise_channels: Noise maps the generator draws beside the mask (``NoiseInput``); D never sees them.
     """
 
     loss_names = ("loss_G_GAN", "loss_G_L1", "loss_D_real", "loss_D_fake")
@@ -70,12 +71,13 @@ class Pix2PixModel(GANModel):
         beta2: float = 0.999,
         in_channels: int = 1,
         out_channels: int = 1,
+        noise_channels: int = 0,
     ):
         super().__init__(lr_g=lr_g, lr_d=lr_d, beta1=beta1, beta2=beta2)
         self.lambda_l1 = lambda_l1
         self.criterion_gan = GANLoss(gan_mode)
         self.nets["G"] = define_generator(
-            encoder, decoder_channels, encoder_weights, in_channels, out_channels
+            encoder, decoder_channels, encoder_weights, in_channels, out_channels, noise_channels
         )
         self.nets["D"] = define_discriminator(
             discriminator,
@@ -97,6 +99,7 @@ class Pix2PixModel(GANModel):
             "discriminator_width": cfg.discriminator_width,
             "gan_mode": cfg.gan_mode,
             "lambda_l1": cfg.lambda_l1,
+            "noise_channels": cfg.noise_channels,
             "lr_g": cfg.lr_g,
             "lr_d": cfg.lr_d,
             "beta1": cfg.beta1,

@@ -6,7 +6,8 @@ A stage owns its networks, optimisers, data loaders and one epoch of training; t
 Data arrive as numpy arrays (through the object store), already at the training scale:
 - pix2pix:   ``train_masks``/``train_images`` (subset 1 rough masks and images), ``val_masks``/``val_images``.
 - cyclegan:  ``train_a`` (1st generation) and ``train_b`` (real subset 2), ``val_a``/``val_b``.
-- segmenter: ``train_images``/``train_masks`` (virtual dataset), ``val_images``/``val_masks``.
+- segmenter: ``train_images``/``train_masks`` (virtual dataset), ``val_images``/``val_masks``; optional
+  ``noise_std``, the pixel noise the virtual images lack compared with the real stack (for ``augment="em"``).
 Images are float32 in [0, 1] (N x H x W); masks are uint8 {0, 1}.
 """
 
@@ -175,7 +176,7 @@ class SegmenterStage(Stage):
 
     def __init__(self, name: str, cfg: dict, data: dict[str, np.ndarray], ctx: WorkerContext, extractor: str):
         from tgan_ray.data.datasets import SegmentationDataset
-        from tgan_ray.data.transforms import test_transform, train_transform
+        from tgan_ray.data.transforms import segmenter_transform, test_transform, train_transform
         from tgan_ray.models.losses import SegmentationLoss
         from tgan_ray.models.npssegnet import create_segmenter
 
@@ -190,8 +191,10 @@ class SegmenterStage(Stage):
             self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
         )
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, self.cfg.lr_step, self.cfg.lr_gamma)
+        noise_std = float(data["noise_std"]) if "noise_std" in data else None
+        transform = segmenter_transform(noise_std) if self.cfg.augment == "em" else train_transform()
         train = SegmentationDataset(
-            list(data["train_images"]), list(data["train_masks"]), transform=train_transform()
+            list(data["train_images"]), list(data["train_masks"]), transform=transform
         )
         self.loader = build_loader(train, self.cfg.batch_size, ctx, self.cfg.steps_per_epoch)
         self.val = SegmentationDataset(
