@@ -16,7 +16,7 @@ from PIL import Image
 from tgan_ray.config import Pix2PixConfig, load_config
 from tgan_ray.generate import ScaleOutError, find_run_models, generate_dataset
 from tgan_ray.io import StorageError, s3_client
-from tgan_ray.masks.prior import MorphologyPrior, sample_mask_at
+from tgan_ray.masks.prior import MorphologyPrior, sample_capped_mask_at
 
 SIZE, N = 64, 12
 
@@ -33,9 +33,8 @@ def _save_generator(path, seed: int) -> str:
     torch.manual_seed(seed)
     gan_cfg = Pix2PixConfig(generator_encoder="resnet18", generator_decoder_channels=[16, 16, 8, 8, 8])
     net = define_generator(gan_cfg.generator_encoder, gan_cfg.generator_decoder_channels)
-    torch.save(
-        {"kind": "pix2pix", "config": gan_cfg.model_dump(mode="json"), "generator": net.state_dict()}, path
-    )
+    config = gan_cfg.model_dump(mode="json") | {"noise_channels": 0}  # the net above takes no noise maps
+    torch.save({"kind": "pix2pix", "config": config, "generator": net.state_dict()}, path)
     return str(path)
 
 
@@ -94,10 +93,10 @@ def test_generate_to_s3_then_complete_lost_pairs(ray_s3, s3_bucket, artefacts):
         mask, image, gen1 = (_png(client, bucket, f"gen/{p}") for p in (row.mask, row.image, row.gen1))
         assert mask.shape == image.shape == gen1.shape == (SIZE, SIZE)
         assert mask.dtype == image.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
-    # each mask is the prior's sample (seed, index): reproducible from those two alone
+    # each mask is the prior's sample (seed, index) under the empty-mask cap: reproducible from those alone
     prior = MorphologyPrior.load(artefacts["prior"])
-    for i in (0, 11):
-        expected = sample_mask_at(prior, SIZE, 7, i)[0]
+    for i in range(N):
+        expected = sample_capped_mask_at(prior, SIZE, 7, i, cfg.prior.max_empty_fraction)[0]
         np.testing.assert_array_equal(_png(client, bucket, f"gen/masks/{i:07d}.png") > 0, expected)
     assert not np.array_equal(
         _png(client, bucket, "gen/images/0000000.png"), _png(client, bucket, "gen/gen1/0000000.png")
@@ -150,6 +149,10 @@ def test_generate_local_pix2pix_only_and_settings_guard(ray_local, tmp_path, art
     assert generate_dataset(artefacts["prior"], artefacts["pix2pix"], None, 5, out, cfg).reused == 5
     with pytest.raises(ScaleOutError, match="outputs made with other settings \\(seed\\)"):
         generate_dataset(artefacts["prior"], artefacts["pix2pix"], None, 5, out, cfg, seed=99)
+    # the empty-mask cap decides which masks are drawn: a changed cap may not complete this set either
+    other_cap = _cfg(**{"prior.max_empty_fraction": 0.5})
+    with pytest.raises(ScaleOutError, match="outputs made with other settings \\(max_empty_fraction\\)"):
+        generate_dataset(artefacts["prior"], artefacts["pix2pix"], None, 5, out, other_cap)
 
 
 def test_generate_bad_inputs_fail_before_ray_work(s3_bucket, artefacts, tmp_path, monkeypatch):

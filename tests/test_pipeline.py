@@ -56,7 +56,7 @@ def finished_run(tmp_path_factory, ray_local):
             run_pipeline(str(stack / "images"), out, cfg, log=lines.append)
     finally:
         Pipeline.step_cyclegan = original
-    gen1_mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "round1" / "virtual" / "gen1").glob("*.png")}
+    gen1_mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "round1" / "gen1" / "images").glob("*.png")}
 
     resumed: list[str] = []
     result = run_pipeline(str(stack / "images"), out, cfg, log=resumed.append)
@@ -75,8 +75,11 @@ def test_resume_after_crash_skips_finished_steps(finished_run):
     for step in ("stack", "round1/rough", "round1/prior", "round1/pix2pix", "round1/gen1"):
         assert f"== {step}: done earlier, skipped" in resumed
     assert "== round1/cyclegan ..." in resumed
-    gen1 = finished_run["out"] / "round1" / "virtual" / "gen1"
-    assert {p.name: p.stat().st_mtime_ns for p in gen1.glob("*.png")} == finished_run["gen1_mtimes"]
+    gen1 = finished_run["out"] / "round1" / "gen1" / "images"
+    assert len(finished_run["gen1_mtimes"]) == 24  # the 1st generation, written before the crash ...
+    assert {p.name: p.stat().st_mtime_ns for p in gen1.glob("*.png")} == finished_run[
+        "gen1_mtimes"
+    ]  # ... kept
 
 
 def test_every_artefact_is_written(finished_run):
@@ -98,16 +101,33 @@ def test_every_artefact_is_written(finished_run):
     ):
         assert steps[step]["status"] == "done", step
 
-    virtual = json.loads((out / "round1" / "virtual" / "manifest.json").read_text())
-    assert virtual["count"] == 24
+    # Steps 4 and 6 ran through Ray Data's generate_dataset: two sets of 24 pairs with their Parquet manifests.
+    round1 = out / "round1"
+    virtual_set = pd.read_parquet(round1 / "virtual" / "manifest.parquet")
+    assert virtual_set["index"].tolist() == list(range(24)) and {"image", "mask", "gen1"} <= set(virtual_set)
+    assert pd.read_parquet(round1 / "gen1" / "manifest.parquet")["index"].tolist() == list(range(24))
+    assert json.loads((round1 / "virtual" / "generate.json").read_text())["cyclegan_sha256"]
+    assert json.loads((round1 / "gen1" / "generate.json").read_text())["cyclegan_sha256"] is None
+    # Mask i is one draw from (seed, i): the prior step's file, the 1st generation's and the virtual set's agree.
+    for name in ("0000000.png", "0000023.png"):
+        masks = [np.asarray(Image.open(round1 / d / "masks" / name)) for d in ("virtual", "gen1")]
+        assert np.array_equal(*masks)
+    assert steps["round1/prior"]["outputs"]["masks"] == [f"{i:07d}.png" for i in range(24)]
+    from tgan_ray.masks.prior import MorphologyPrior, sample_capped_mask_at
+
+    prior, seed = MorphologyPrior.load(round1 / "prior.json"), steps["round1/prior"]["outputs"]["seed"]
+    expected = sample_capped_mask_at(prior, 64, seed, 23, finished_run["cfg"].prior.max_empty_fraction)[0]
+    assert np.array_equal(masks[1] > 127, expected)
+
+    virtual = json.loads((round1 / "virtual" / "manifest.json").read_text())
+    assert virtual["count"] == 24 and virtual["source"] in ("gen1", "gen2")
     pair = virtual["pairs"][0]
-    image = np.asarray(Image.open(out / "round1" / "virtual" / pair["image"]))
-    mask = np.asarray(Image.open(out / "round1" / "virtual" / pair["mask"]))
+    assert pair["image"] == ("images/0000000.png" if virtual["source"] == "gen2" else "gen1/0000000.png")
+    image = np.asarray(Image.open(round1 / "virtual" / pair["image"]))
+    mask = np.asarray(Image.open(round1 / "virtual" / pair["mask"]))
     assert image.shape == mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
-    assert (
-        sum(np.asarray(Image.open(out / "round1" / "virtual" / p["mask"])).any() for p in virtual["pairs"])
-        > 12
-    )
+    empty = sum(not np.asarray(Image.open(round1 / "virtual" / p["mask"])).any() for p in virtual["pairs"])
+    assert empty <= 24 * finished_run["cfg"].prior.max_empty_fraction + 2
 
     assert (out / "round1" / "npssegnet.pt").is_file()
     from tgan_ray.models.npssegnet import load_segmenter
@@ -115,15 +135,23 @@ def test_every_artefact_is_written(finished_run):
     _, meta = load_segmenter(out / "round1" / "npssegnet.pt")
     assert meta["data"]["image_size"] == 64
 
-    for src in sorted((stack / "images").glob("*.png")):
+    # Step 8 ran through Ray Data's segment_stack: masks at <run>/masks/<stem>.png, its tables in <run>/segment.
+    sources = sorted((stack / "images").glob("*.png"))
+    for src in sources:
         m = np.asarray(Image.open(out / "masks" / src.name))
         assert m.shape == np.asarray(Image.open(src)).shape and set(np.unique(m)) <= {0, 255}
+    images = pd.read_parquet(out / "segment" / "images.parquet")
+    assert sorted(images["image"]) == [s.stem for s in sources] and (images["status"] == "segmented").all()
+    assert (images["mask"] == [str(out / "masks" / f"{s}.png") for s in images["image"]]).all()
+    assert not (out / "segment" / "masks").exists()
 
     table = pd.read_csv(out / "particles.csv")
     assert {"image", "equivalent_diameter", "circularity", "solidity", "touches_border", "unit"} <= set(table)
     assert (table["unit"] == "nm").all()  # pixel size from the stack's pixel_size.json
     summary = json.loads((out / "summary.json").read_text())
     assert summary["count"] == int((~table["touches_border"]).sum())
+    assert len(table) == len(pd.read_parquet(out / "segment" / "particles.parquet"))
+    assert json.loads((out / "segment" / "summary.json").read_text())["stack"]["count"] == summary["count"]
     html = (out / "report.html").read_text()
     assert "data:image/png;base64" in html and "http://" not in html and "https://" not in html
     assert finished_run["result"].report == out / "report.html"

@@ -164,3 +164,28 @@ def test_empty_rough_masks_raise_a_clear_error():
         MorphologyPrior.from_masks([only_cut])
     with pytest.raises(ValueError, match="2-D"):
         MorphologyPrior.from_masks([np.zeros((4, 4, 4))])
+
+
+def test_empty_mask_cap_is_per_index_and_bounds_the_empty_share():
+    from tgan_ray.masks.prior import sample_capped_mask_at
+
+    # ~9 particles per 192 px frame: about 4 in 5 random 32 px masks draw no particle.
+    sparse = MorphologyPrior.from_masks(rough_masks(n_masks=4, size=192, n=9))
+    n = 100
+    plain = [sample_mask_at(sparse, 32, 5, i)[0] for i in range(n)]
+    assert np.mean([not m.any() for m in plain]) > 0.6
+    for cap in (0.0, 0.2):
+        capped = [sample_capped_mask_at(sparse, 32, 5, i, cap)[0] for i in range(n)]
+        share = np.mean([not m.any() for m in capped])
+        assert share <= cap + 0.08, (cap, share)
+        # a non-empty first draw is kept: the capped stream differs from the plain one only where it was empty
+        assert all(np.array_equal(c, p) for c, p in zip(capped, plain, strict=True) if p.any())
+    # reproducible from (seed, index) alone, in any order; a cap of 1 is the plain stream
+    for i in (3, 41, 97):
+        np.testing.assert_array_equal(sample_capped_mask_at(sparse, 32, 5, i, 0.2)[0], capped[i])
+        np.testing.assert_array_equal(sample_capped_mask_at(sparse, 32, 5, i, 1.0)[0], plain[i])
+    assert any(
+        not np.array_equal(sample_capped_mask_at(sparse, 32, 6, i, 0.2)[0], capped[i]) for i in range(8)
+    )
+    with pytest.raises(ValueError, match="max_empty_fraction=1.5"):
+        sample_capped_mask_at(sparse, 32, 5, 0, 1.5)

@@ -35,7 +35,9 @@ def segmenter_path(tmp_path_factory):
     torch.manual_seed(0)
     model = create_segmenter("unetplusplus", "resnet18", decoder_channels=[16, 16, 8, 8, 8])
     path = tmp_path_factory.mktemp("model") / "npssegnet.pt"
-    save_segmenter(model, path, meta={"data": DataConfig(image_size=64, resize_mode="tile").model_dump()})
+    # A working scale that is not 1, as a pipeline run records it: segment_stack must take it from here.
+    meta = {"data": DataConfig(image_size=64, resize_mode="tile", scale=0.75).model_dump()}
+    save_segmenter(model, path, meta=meta)
     return path
 
 
@@ -133,11 +135,31 @@ def test_segment_s3_stack_with_corrupt_object_then_rerun(ray_s3, s3_bucket, segm
     assert len(particles2) == len(particles)  # same masks, same particles
 
 
-def test_segment_local_stack_with_pixel_size(ray_local, tmp_path, segmenter_path, stack_dir):
-    cfg = _cfg(**{"data.pixel_size_nm": 0.25})
-    result = segment_stack(segmenter_path, stack_dir, tmp_path / "out", cfg)
+def test_segment_local_stack_into_masks_dir_same_masks_as_in_process(
+    ray_local, tmp_path, segmenter_path, stack_dir
+):
+    """The pipeline's layout (masks beside, not inside, ``out``; a stack-wide pixel size for uncalibrated PNGs),
+    and the masks that segmenting each frame in-process with :class:`~tgan_ray.inference.Segmenter` gives."""
+    from tgan_ray.inference import Segmenter
+    from tgan_ray.io import normalize_intensity, read_image
+
+    cfg = _cfg()
+    masks_dir = tmp_path / "masks"
+    result = segment_stack(
+        segmenter_path, stack_dir, tmp_path / "out", cfg, masks_dir=masks_dir, fallback_pixel_size_nm=0.25
+    )
     assert (result.segmented, result.errors) == (N_IMAGES, [])
-    assert len(list((tmp_path / "out" / "masks").glob("*.png"))) == N_IMAGES
+    assert len(list(masks_dir.glob("*.png"))) == N_IMAGES and not (tmp_path / "out" / "masks").exists()
+
+    # Working scale from the checkpoint (0.75), normalisation from the config, same tiles and overlap.
+    segmenter, d = Segmenter(segmenter_path, None, cfg.segmenter), cfg.data
+    mixed = 0
+    for src in sorted(stack_dir.glob("*.png")):
+        image = normalize_intensity(read_image(str(src)).data, d.norm_low_percentile, d.norm_high_percentile)
+        expected = segmenter.segment(image)
+        np.testing.assert_array_equal(np.asarray(Image.open(masks_dir / f"{src.stem}.png")) > 127, expected)
+        mixed += 0 < expected.mean() < 1
+    assert mixed  # not a trivial all-empty (or all-particle) comparison
     images = pd.read_parquet(tmp_path / "out" / "images.parquet")
     assert (images.pixel_size_nm == 0.25).all() and (images.unit == "nm").all()
     particles = pd.read_parquet(tmp_path / "out" / "particles.parquet")
@@ -156,7 +178,7 @@ def test_segment_local_stack_with_pixel_size(ray_local, tmp_path, segmenter_path
         next(other.parameters()).mul_(0.5)
     save_segmenter(other, tmp_path / "other.pt", meta=meta)
     with pytest.raises(ScaleOutError, match="outputs made with other settings \\(model_sha256\\)"):
-        segment_stack(tmp_path / "other.pt", stack_dir, tmp_path / "out", cfg)
+        segment_stack(tmp_path / "other.pt", stack_dir, tmp_path / "out", cfg, masks_dir=masks_dir)
 
 
 @pytest.fixture()

@@ -18,8 +18,9 @@ Output::
     <out>/generate.json        settings of the dataset (a re-run must match them)
     <out>/manifest.parquet     index, image, mask, seed[, gen1]: relative paths, one row per pair
 
-Mask i is ``sample_mask_at(prior, image_size, seed, i)``: reproducible from (seed, i) alone, so a re-run with
-the same ``out`` writes only the pairs whose two PNGs are missing, and never duplicates one.
+Mask i is ``sample_capped_mask_at(prior, image_size, seed, i, prior.max_empty_fraction)``: reproducible from
+(seed, i) alone, so a re-run with the same ``out`` writes only the pairs whose two PNGs are missing, and never
+duplicates one. The pipeline's own steps 4 and 6 (``tgan run``) call :func:`generate_dataset` too.
 """
 
 from __future__ import annotations
@@ -170,20 +171,26 @@ def local_copy(ref: Any, suffix: str) -> str:
 
 
 def sample_masks(
-    batch: dict[str, np.ndarray], prior: Any, size: int, seed: int, border_policy: str, done: np.ndarray
+    batch: dict[str, np.ndarray],
+    prior: Any,
+    size: int,
+    seed: int,
+    border_policy: str,
+    max_empty_fraction: float,
+    done: np.ndarray,
 ):
     """Ray Data task: the masks of the batch's indices that are not written yet.
 
     Shape:
         batch["id"]: (B,) -> {"index": (b,), "mask": (b, size, size) bool}, b <= B.
     """
-    from tgan_ray.masks.prior import sample_mask_at
+    from tgan_ray.masks.prior import sample_capped_mask_at
 
     ids = batch["id"].astype(np.int64)
     ids = ids[~np.isin(ids, done)]
     masks = np.zeros((len(ids), size, size), dtype=bool)
     for k, index in enumerate(ids):
-        masks[k] = sample_mask_at(prior, size, seed, int(index), border_policy)[0]
+        masks[k] = sample_capped_mask_at(prior, size, seed, int(index), max_empty_fraction, border_policy)[0]
     return {"index": ids, "mask": masks}
 
 
@@ -350,7 +357,7 @@ def generate_dataset(
         n: pairs wanted; indices 0..n-1.
         out: local folder or ``s3://bucket/prefix``.
         cfg: ``scale_out`` (batch size, actors, CPUs/GPUs per actor, masks per task), ``data.image_size``,
-            ``storage`` and ``ray``.
+            ``prior`` (border policy, ``max_empty_fraction``), ``storage`` and ``ray``.
         seed: seed of the masks; None: ``cfg.data.seed``.
         write_gen1: also keep the 1st generation under ``gen1/`` (with a CycleGAN only).
 
@@ -389,6 +396,7 @@ def generate_dataset(
             "seed": seed,
             "image_size": size,
             "border_policy": cfg.prior.border_policy,
+            "max_empty_fraction": cfg.prior.max_empty_fraction,
             "prior_sha256": hashlib.sha256(prior_bytes).hexdigest(),
             "pix2pix_sha256": hashlib.sha256(p2p_bytes).hexdigest(),
             "cyclegan_sha256": None if cyc_bytes is None else hashlib.sha256(cyc_bytes).hexdigest(),
@@ -423,6 +431,7 @@ def generate_dataset(
                 "size": size,
                 "seed": seed,
                 "border_policy": cfg.prior.border_policy,
+                "max_empty_fraction": cfg.prior.max_empty_fraction,
                 "done": np.fromiter(sorted(done), dtype=np.int64, count=len(done)),
             },
         )
@@ -458,7 +467,7 @@ def generate_dataset(
 # ---------------------------------------------------------------------------------------------- from a run
 
 
-def _model_in(checkpoint_path: str, cfg: Config) -> str:
+def stage_model_uri(checkpoint_path: str, cfg: Config) -> str:
     """``model.pt`` of a stage checkpoint; Ray Train records S3 checkpoints as ``bucket/prefix``."""
     path = str(checkpoint_path)
     if not st.is_s3(path) and not os.path.exists(path) and st.is_s3(cfg.ray.storage_path or ""):
@@ -492,8 +501,8 @@ def find_run_models(run_dir: str | os.PathLike, cfg: Config) -> dict[str, str]:
             return {
                 "round": r,
                 "prior": str(run / f"round{r}" / "prior.json"),
-                "pix2pix": _model_in(p2p["outputs"]["checkpoint_path"], cfg),
-                "cyclegan": _model_in(cyc["outputs"]["checkpoint_path"], cfg),
+                "pix2pix": stage_model_uri(p2p["outputs"]["checkpoint_path"], cfg),
+                "cyclegan": stage_model_uri(cyc["outputs"]["checkpoint_path"], cfg),
             }
     raise ScaleOutError(f"run {run} has no round with pix2pix and CycleGAN both finished")
 

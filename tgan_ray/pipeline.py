@@ -8,15 +8,26 @@ Run folder::
     config.yaml  stack.json  mlflow.db
     work/<stem>.npy       frames normalised and rescaled to the working scale
     round1/rough/         step 2: rough masks of subset 1
-    round1/prior.json     step 2->4: morphology prior (+ KS distances of the sampled masks)
-    round1/virtual/       steps 4-6: masks/, gen1/, gen2/ and manifest.json (the virtual labelled dataset)
+    round1/prior.json     step 2->4: morphology prior (+ prior_ks.json: KS distances of the sampled masks)
+    round1/gen1/          step 4 (Ray Data, generate_dataset): masks -> pix2pix: images/ (1st generation),
+                          masks/, generate.json, manifest.parquet; CycleGAN's domain A
+    round1/virtual/       steps 4-6 (Ray Data, generate_dataset): the virtual labelled dataset: masks/ (random
+                          masks, written by step 4 first), gen1/ (1st generation), images/ (2nd generation),
+                          generate.json, manifest.parquet (every pair), and manifest.json (the pairs the segmenter
+                          trains on: images/ or gen1/, whichever is closer to the real images by KID)
     round1/npssegnet.pt   step 7: the label-free segmenter
-    masks/<stem>.png      step 8: masks of the real stack at original resolution (0/255)
+    masks/<stem>.png      step 8 (Ray Data, segment_stack): masks of the real stack at original resolution (0/255)
+    segment/              step 8: segment.json (model and settings), images.parquet (one row per image),
+                          particles.parquet, summary.json (segment_stack's PSD of the stack)
     particles.csv  summary.json  plots/  report.html
+
+Random mask i of round r is ``sample_capped_mask_at(prior, data.image_size, data.seed + 1000 r, i,
+prior.max_empty_fraction)``: the same file in round{r}/virtual/masks and round{r}/gen1/masks.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,24 +50,6 @@ class PipelineResult:
     summary: dict[str, Any]
     report: Path
     segmenter: Path
-
-
-def _png_u8(a: np.ndarray) -> np.ndarray:
-    return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def _save_pngs(folder: Path, arrays: np.ndarray, is_mask: bool = False) -> list[str]:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i, a in enumerate(arrays):
-        name = f"{i:06d}.png"
-        tmp = folder / f".{name}.tmp"
-        Image.fromarray((a > 0).astype(np.uint8) * 255 if is_mask else _png_u8(a)).save(tmp, format="PNG")
-        tmp.replace(folder / name)
-        names.append(name)
-    return names
 
 
 def _load_pngs(folder: Path, names: list[str], is_mask: bool = False) -> np.ndarray:
@@ -123,22 +116,21 @@ class Pipeline:
         from tgan_ray.data.splits import split_stack
         from tgan_ray.data.working import to_working, working_scale
         from tgan_ray.io import list_stack, load_stack, normalize_intensity
+        from tgan_ray.segment import unique_stems
 
         d = self.cfg.data
         uris = list_stack(self.images, self.cfg.storage)
+        stems = unique_stems(uris)  # segment_stack (step 8) names the masks the same way
         ems, skipped = load_stack(uris, self.cfg.storage, min_images=max(d.min_images, d.subset1_size + 1))
         sidecar = _sidecar_pixel_size(uris[0]) if uris else None
         normalised = [
             normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile) for em in ems
         ]
         stack_scale = self._stack_scale(normalised)
-        frames, seen = [], set()
+        frames = []
         (self.run_dir / "work").mkdir(exist_ok=True)
         for em, norm in zip(ems, normalised):
-            stem = Path(em.source).stem
-            while stem in seen:  # two folders with the same file name
-                stem += "_"
-            seen.add(stem)
+            stem = stems[em.source]  # two folders with the same file name: "a", "a_"
             scale = working_scale(norm.shape, self.data_cfg_for(stack_scale))
             np.save(self.run_dir / "work" / f"{stem}.npy", to_working(norm, scale).astype(np.float16))
             pixel = d.pixel_size_nm or em.pixel_size_nm or sidecar
@@ -220,36 +212,42 @@ class Pipeline:
         return {"folder": str(folder), "particles": counts}
 
     # -- steps 2->4: morphology prior and random masks -----------------------------------------------------------
+    def mask_seed(self, rnd: int) -> int:
+        """Seed of round ``rnd``'s random masks (steps 4 and 6 draw mask i from (seed, i))."""
+        return self.cfg.data.seed + 1000 * rnd
+
     def step_prior(self, stack: dict, rough: dict, rnd: int) -> dict[str, Any]:
-        from tgan_ray.masks.prior import MorphologyPrior, compare_to_prior, sample_mask_at
+        from tgan_ray.generate import pair_paths
+        from tgan_ray.io import write_mask_png
+        from tgan_ray.masks.prior import MorphologyPrior, compare_to_prior, sample_capped_mask_at
 
         masks = [_load_mask(Path(rough["folder"]) / f"{s}.png") for s in stack["subset1"]]
-        prior = MorphologyPrior.from_masks(masks)
-        size = self.cfg.data.image_size
-        seed = self.cfg.data.seed + 1000 * rnd
-        n, max_empty = self.cfg.prior.n_masks, int(self.cfg.prior.max_empty_fraction * self.cfg.prior.n_masks)
-        kept, empty, index = [], 0, 0
-        # Each mask stays reproducible from (seed, index); empty draws past the allowed share are skipped.
-        while len(kept) < n and index < 50 * n:
-            mask = sample_mask_at(prior, size, seed, index)[0]
-            index += 1
-            if not mask.any():
-                if empty >= max_empty:
-                    continue
-                empty += 1
-            kept.append(mask)
-        sampled = np.stack(kept)
-        ks = compare_to_prior(prior, list(sampled))
         folder = self.run_dir / f"round{rnd}"
-        prior.save(folder / "prior.json")
+        # Sampled from the saved prior, as generate_dataset samples them (the JSON rounds to 6 digits): mask i is
+        # the same file here, in the 1st generation's set and in the virtual dataset.
+        prior = MorphologyPrior.load(MorphologyPrior.from_masks(masks).save(folder / "prior.json"))
+        p, size, seed = self.cfg.prior, self.cfg.data.image_size, self.mask_seed(rnd)
+        sampled = np.stack(
+            [
+                sample_capped_mask_at(prior, size, seed, i, p.max_empty_fraction, p.border_policy)[0]
+                for i in range(p.n_masks)
+            ]
+        )
+        ks = compare_to_prior(prior, list(sampled))
         write_json(folder / "prior_ks.json", ks)
-        names = _save_pngs(folder / "virtual" / "masks", sampled, is_mask=True)
+        # The virtual dataset's masks/ (pix2pix validates on them before any image is generated).
+        names = []
+        for i, mask in enumerate(sampled):
+            path = pair_paths(i)["mask"]
+            write_mask_png(folder / "virtual" / path, mask)
+            names.append(Path(path).name)
+        empty = float(np.mean(~sampled.any(axis=(1, 2))))
         self.tracker.log_metrics({f"round{rnd}/prior_ks_{k}": v for k, v in ks.items() if v is not None})
         self.log(
-            "   KS distance of sampled masks to the prior: "
-            + ", ".join(f"{k}={v:.3f}" for k, v in ks.items() if v is not None)
+            f"   {len(names)} random masks, {empty:.0%} empty (prior.max_empty_fraction={p.max_empty_fraction:g}); "
+            "KS distance to the prior: " + ", ".join(f"{k}={v:.3f}" for k, v in ks.items() if v is not None)
         )
-        return {"prior": str(folder / "prior.json"), "ks": ks, "masks": names}
+        return {"prior": str(folder / "prior.json"), "ks": ks, "masks": names, "seed": seed, "empty": empty}
 
     def _real_crops(self, stems: list[str], n: int, masks_folder: Path | None = None):
         from tgan_ray.data.working import random_crops
@@ -287,19 +285,53 @@ class Pipeline:
         )
         return result.to_dict()
 
-    # -- step 4: 1st generation -----------------------------------------------------------------------------------
-    def _generate(self, model_path: str, inputs: np.ndarray) -> np.ndarray:
-        from tgan_ray.inference import load_generator, run_generator
+    # -- steps 4 and 6: the generated sets, with Ray Data ----------------------------------------------------------
+    def step_gen(
+        self, src: str, dst: str, stage: dict, rnd: int, pix2pix: dict | None = None
+    ) -> dict[str, Any]:
+        """Generate from the round's prior with Ray Data (:func:`~tgan_ray.generate.generate_dataset`).
 
-        return run_generator(load_generator(model_path), inputs, batch_size=16)
+        The code path of ``tgan generate``: masks sampled by index, a generator actor pool, PNG pairs and a
+        manifest.parquet; a crash resumes from the pairs already written.
 
-    def step_gen(self, src: str, dst: str, stage: dict, rnd: int) -> dict[str, Any]:
-        virtual = self.run_dir / f"round{rnd}" / "virtual"
-        names = sorted(p.name for p in (virtual / src).glob("*.png"))
-        inputs = _load_pngs(virtual / src, names, is_mask=(src == "masks")).astype(np.float32)
-        out = self._generate(str(Path(stage["checkpoint_path"]) / "model.pt"), inputs)
-        _save_pngs(virtual / dst, out)
-        return {"folder": str(virtual / dst), "count": len(out)}
+        Args:
+            src, dst: ``"masks", "gen1"``: step 4, the pix2pix ``stage`` makes the 1st generation in
+                ``round{r}/gen1/`` (CycleGAN's domain A). ``"gen1", "gen2"``: step 6, pix2pix then the CycleGAN
+                ``stage`` make the virtual dataset in ``round{r}/virtual/`` (2nd generation in images/, the 1st
+                kept in gen1/).
+            stage: the stage whose generator runs last (its ``checkpoint_path``).
+            rnd: the round.
+            pix2pix: the round's pix2pix stage (``"gen1", "gen2"`` only).
+
+        Returns:
+            :class:`~tgan_ray.generate.GenerateResult` as a dict, and ``folder``: the generated images.
+        """
+        from tgan_ray.generate import generate_dataset, stage_model_uri
+
+        round_dir = self.run_dir / f"round{rnd}"
+        model = stage_model_uri(stage["checkpoint_path"], self.cfg)
+        if (src, dst) == ("masks", "gen1"):
+            out, p2p, cyc = round_dir / "gen1", model, None
+        elif (src, dst) == ("gen1", "gen2") and pix2pix is not None:
+            p2p, cyc = stage_model_uri(pix2pix["checkpoint_path"], self.cfg), model
+            out = round_dir / "virtual"
+        else:
+            raise ValueError(f"step_gen({src!r}, {dst!r}): use masks -> gen1, or gen1 -> gen2 with pix2pix=")
+        result = generate_dataset(
+            round_dir / "prior.json",
+            p2p,
+            cyc,
+            self.cfg.prior.n_masks,
+            out,
+            self.cfg,
+            seed=self.mask_seed(rnd),
+            write_gen1=cyc is not None,
+        )
+        self.log(
+            f"   {result.count} pairs in {out} ({result.generated} generated, {result.reused} kept from before; "
+            f"{result.images_per_s:.1f} pairs/s)"
+        )
+        return {**result.to_dict(), "folder": str(out / "images")}
 
     # -- step 5: CycleGAN -----------------------------------------------------------------------------------------
     def cyclegan_data(self, stack: dict, gen1: dict) -> dict[str, np.ndarray]:
@@ -325,30 +357,31 @@ class Pipeline:
         )
         return result.to_dict()
 
-    # -- step 6 is step_gen again (gen1 -> gen2); the virtual dataset's manifest ---------------------------------
+    # -- step 6's output: the pairs the segmenter trains on ----------------------------------------------------
     def step_virtual(self, stack: dict, prior: dict, gen2: dict, rnd: int) -> dict[str, Any]:
-        """Write the virtual dataset's manifest; its images are the generation that looks most real.
+        """Write the virtual dataset's manifest.json; its images are the generation that looks most real.
 
-        The 2nd generation is used unless it is further from the real images (KID, same extractor and real
-        crops) than the 1st: an undertrained CycleGAN can erase particles, and a segmenter trained on such pairs
-        learns wrong labels. The choice and both scores are recorded.
+        The 2nd generation (images/) is used unless it is further from the real images (KID, same extractor and
+        real crops) than the 1st (gen1/): an undertrained CycleGAN can erase particles, and a segmenter trained
+        on such pairs learns wrong labels. The choice and both scores are recorded.
         """
+        import pandas as pd
         import torch
 
         from tgan_ray.metrics.gan import build_feature_extractor, image_quality
 
-        virtual = self.run_dir / f"round{rnd}" / "virtual"
-        names = prior["masks"]
-        sample = names[: min(len(names), 64)]
+        virtual = Path(gen2["out"])
+        rows = pd.read_parquet(gen2["manifest"])  # every generated pair, by index
+        sample = rows.head(64)
         real, _ = self._real_crops(stack["test"] or stack["subset2"], max(len(sample), 16))
         extractor = build_feature_extractor("random-resnet18")
 
-        def kid(folder: str) -> float:
-            fake = torch.from_numpy(_load_pngs(virtual / folder, sample))[:, None] * 2 - 1
+        def kid(column: str) -> float:
+            fake = torch.from_numpy(_load_pngs(virtual, sample[column].tolist()))[:, None] * 2 - 1
             scores = image_quality(fake, torch.from_numpy(real)[:, None] * 2 - 1, extractor, with_is=False)
             return float(scores["kid_random-resnet18"])
 
-        scores = {"gen1": kid("gen1"), "gen2": kid("gen2")}
+        scores = {"gen1": kid("gen1"), "gen2": kid("image")}
         source = "gen2" if scores["gen2"] <= scores["gen1"] else "gen1"
         if source == "gen1":
             self.log(
@@ -357,8 +390,10 @@ class Pipeline:
                 "train CycleGAN longer (cyclegan.epochs) to get the 2nd"
             )
         self.tracker.log_metrics({f"round{rnd}/virtual_kid_{k}": v for k, v in scores.items()})
+        images = rows["image" if source == "gen2" else "gen1"]
         pairs = [
-            {"image": f"{source}/{n}", "mask": f"masks/{n}", "first_generation": f"gen1/{n}"} for n in names
+            {"image": i, "mask": m, "first_generation": g}
+            for i, m, g in zip(images, rows["mask"], rows["gen1"], strict=True)
         ]
         write_json(
             virtual / "manifest.json",
@@ -376,11 +411,12 @@ class Pipeline:
         from tgan_ray.models.npssegnet import load_segmenter, save_segmenter
         from tgan_ray.train import train_stage
 
-        virtual = self.run_dir / f"round{rnd}" / "virtual"
-        names = prior["masks"]
-        images = _load_pngs(virtual / virtual_step.get("source", "gen2"), names)
-        masks = _load_pngs(virtual / "masks", names, is_mask=True)
-        n_val = max(1, round(len(names) * 0.2))  # paper: train:test 4:1
+        manifest = Path(virtual_step["manifest"])  # the pairs step_virtual chose, relative to their folder
+        pairs = json.loads(manifest.read_text())["pairs"]
+        images = _load_pngs(manifest.parent, [p["image"] for p in pairs])
+        masks = _load_pngs(manifest.parent, [p["mask"] for p in pairs], is_mask=True)
+        n_val = max(1, round(len(pairs) * 0.2))  # paper: train:test 4:1
+        noise = self._missing_noise(images)
         result = train_stage(
             "segmenter",
             self.cfg.segmenter,
@@ -389,6 +425,7 @@ class Pipeline:
                 "train_masks": masks[n_val:],
                 "val_images": images[:n_val],
                 "val_masks": masks[:n_val],
+                "noise_std": np.float32(noise),
             },
             self.cfg,
             self.run_dir,
@@ -405,25 +442,69 @@ class Pipeline:
                 "round": rnd,
                 "val_miou": float(result.metrics.get("val/miou", float("nan"))),
                 "source_run": str(self.run_dir.resolve()),
+                "min_particle_px": self._min_particle_px(prior),
             },
         )
-        return {**result.to_dict(), "model": str(path)}
+        return {**result.to_dict(), "model": str(path), "noise_std": noise}
+
+    def _missing_noise(self, virtual: np.ndarray) -> float:
+        """Pixel noise the virtual images lack compared with the real frames (both at the working scale)."""
+        from tgan_ray.data.working import missing_noise_std
+
+        frames = self.manifest.outputs("stack")["frames"]
+        real = [self._work(f["stem"]) for f in frames[:32]]
+        noise = missing_noise_std(real, virtual[:64])
+        self.log(
+            f"   noise the virtual images lack: std {noise:.4f} (added in training, segmenter.augment=em)"
+        )
+        return noise
+
+    def _min_particle_px(self, prior: dict) -> float:
+        """Smallest particle the segmenter may report, working px: a fraction of the prior's 5th percentile."""
+        from tgan_ray.masks.prior import MorphologyPrior
+
+        areas = MorphologyPrior.load(prior["prior"]).particles["area"]
+        fraction = self.cfg.segmenter.min_particle_fraction
+        return float(fraction * np.percentile(areas, 5)) if len(areas) else 0.0
 
     # -- step 8: segment the real stack ------------------------------------------------------------------------
     def step_segment(self, stack: dict, seg: dict) -> dict[str, Any]:
-        from tgan_ray.inference import Segmenter
-        from tgan_ray.io import load_stack, normalize_intensity, write_mask_png
+        """Segment the real stack with Ray Data (:func:`~tgan_ray.segment.segment_stack`, as ``tgan segment``).
 
-        segmenter = Segmenter(seg["model"], self.data_cfg, self.cfg.segmenter)
-        out = self.run_dir / "masks"
-        out.mkdir(exist_ok=True)
-        d = self.cfg.data
-        for i, frame in enumerate(stack["frames"]):
-            ems, _ = load_stack([frame["source"]], self.cfg.storage, min_images=1)
-            norm = normalize_intensity(ems[0].data, d.norm_low_percentile, d.norm_high_percentile)
-            write_mask_png(out / f"{frame['stem']}.png", segmenter.segment(norm))
-            self.log(f"   segmented {i + 1}/{len(stack['frames'])}: {frame['stem']}")
-        return {"folder": str(out)}
+        Masks go to ``<run>/masks/<stem>.png``; the image and particle tables and segment_stack's PSD summary to
+        ``<run>/segment/``. The segmenter's checkpoint holds the stack's working scale. A crash resumes from the
+        masks already written.
+
+        Raises:
+            PipelineError: an image that step 1 read could not be segmented.
+        """
+        import pandas as pd
+
+        from tgan_ray.io import list_stack
+        from tgan_ray.segment import STATUS_ERROR, segment_stack
+
+        result = segment_stack(
+            seg["model"],
+            self.images,
+            self.run_dir / "segment",
+            self.cfg,
+            masks_dir=self.run_dir / "masks",
+            fallback_pixel_size_nm=_sidecar_pixel_size(list_stack(self.images, self.cfg.storage)[0]),
+        )
+        outputs = {**result.to_dict(), "folder": str(self.run_dir / "masks")}
+        table = pd.read_parquet(outputs["images_table"]).set_index("image")
+        status = table["status"].to_dict()
+        failed = [f["stem"] for f in stack["frames"] if status.get(f["stem"], STATUS_ERROR) == STATUS_ERROR]
+        if failed:
+            reasons = "; ".join(f"{s}: {table['reason'].get(s, 'not listed any more')}" for s in failed[:3])
+            raise PipelineError(
+                f"step 8 could not segment {len(failed)} image(s) of {self.images}: {reasons}"
+            )
+        self.log(
+            f"   {len(stack['frames'])} images: {result.segmented} segmented, {result.reused} masks kept from "
+            f"before; {result.particles} particles ({result.seconds:.1f}s)"
+        )
+        return outputs
 
     # -- the report -----------------------------------------------------------------------------------------------
     def step_report(self, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
@@ -450,7 +531,7 @@ class Pipeline:
             p2p = self._step(f"{r}/pix2pix", self.step_pix2pix, stack, rough, prior, rnd)
             gen1 = self._step(f"{r}/gen1", self.step_gen, "masks", "gen1", p2p, rnd)
             cyc = self._step(f"{r}/cyclegan", self.step_cyclegan, stack, gen1, rnd)
-            gen2 = self._step(f"{r}/gen2", self.step_gen, "gen1", "gen2", cyc, rnd)
+            gen2 = self._step(f"{r}/gen2", self.step_gen, "gen1", "gen2", cyc, rnd, p2p)
             virtual = self._step(f"{r}/virtual", self.step_virtual, stack, prior, gen2, rnd)
             seg = self._step(f"{r}/segmenter", self.step_segmenter, prior, virtual, rnd)
         masks = self._step("segment", self.step_segment, stack, seg)
@@ -473,8 +554,6 @@ def _sidecar_pixel_size(first_uri: str) -> float | None:
 
     PNG and JPEG carry no calibration; `tgan synth` writes this file, and users can too.
     """
-    import json
-
     if str(first_uri).startswith("s3://"):
         return None
     folder = Path(first_uri).parent

@@ -11,17 +11,18 @@ import pandas as pd
 
 
 def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
-    """Measure every mask of the real stack and write the report into the run folder.
+    """Write the report of the real stack's particles into the run folder.
 
     Args:
         pipe: the :class:`~tgan_ray.pipeline.Pipeline` (run folder, config, tracker).
         stack: output of the stack step (frames, splits).
-        masks: output of the segment step (folder of masks).
+        masks: output of the segment step: ``folder`` of masks and ``particles_table``, the particles that
+            segment_stack measured on them (Parquet).
         rnd: the last round (its samples are shown).
     """
     from PIL import Image
 
-    from tgan_ray.analysis.particles import measure_particles
+    from tgan_ray.analysis.particles import PARTICLE_COLUMNS
     from tgan_ray.analysis.plots import plot_overlay, plot_psd, plot_shapes
     from tgan_ray.analysis.psd import psd_summary, write_summary
     from tgan_ray.analysis.report import write_particles_csv, write_report
@@ -29,11 +30,7 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
     run_dir: Path = pipe.run_dir
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    tables = []
-    for frame in stack["frames"]:
-        mask = np.asarray(Image.open(Path(masks["folder"]) / f"{frame['stem']}.png")) > 127
-        tables.append(measure_particles(mask, frame["stem"], frame["pixel_size_nm"]))
-    df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    df = _stack_particles(masks["particles_table"], [f["stem"] for f in stack["frames"]], PARTICLE_COLUMNS)
     units = {f["pixel_size_nm"] is not None for f in stack["frames"]}
     if len(units) > 1:
         pipe.log(
@@ -96,6 +93,15 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
     return {"report": str(report), "summary": summary, "csv": str(run_dir / "particles.csv")}
 
 
+def _stack_particles(table: str, stems: list[str], columns) -> pd.DataFrame:
+    """segment_stack's particles of the stack's frames, in frame order, with measure_particles' columns."""
+    df = pd.read_parquet(table)
+    df = df[df["image"].isin(stems)]
+    order = {s: i for i, s in enumerate(stems)}
+    df = df.sort_values(["image", "particle_id"], key=lambda c: c.map(order) if c.name == "image" else c)
+    return df[list(columns)].reset_index(drop=True)
+
+
 def _sample_grid(pipe, stack: dict, rnd: int, plots: Path) -> Path:
     from PIL import Image
 
@@ -104,7 +110,7 @@ def _sample_grid(pipe, stack: dict, rnd: int, plots: Path) -> Path:
 
     round_dir = pipe.run_dir / f"round{rnd}"
     virtual = round_dir / "virtual"
-    names = sorted(p.name for p in (virtual / "gen2").glob("*.png"))[:4]
+    names = sorted(p.name for p in (virtual / "images").glob("*.png"))[:4]
     stems = stack["subset1"]
     rows = []
     rng = np.random.default_rng(0)
@@ -123,7 +129,7 @@ def _sample_grid(pipe, stack: dict, rnd: int, plots: Path) -> Path:
                 rough[0].astype(np.float32),
                 (np.asarray(Image.open(virtual / "masks" / name)) > 127).astype(np.float32),
                 np.asarray(Image.open(virtual / "gen1" / name), dtype=np.float32) / 255,
-                np.asarray(Image.open(virtual / "gen2" / name), dtype=np.float32) / 255,
+                np.asarray(Image.open(virtual / "images" / name), dtype=np.float32) / 255,
             ]
         )
     return plot_grid(

@@ -9,7 +9,7 @@ Ray Data plan (streaming: memory stays bounded whatever the stack size)::
 
 Output::
 
-    <out>/masks/<stem>.png     mask at the frame's original resolution (0/255)
+    <out>/masks/<stem>.png     mask at the frame's original resolution (0/255); ``masks_dir`` puts them elsewhere
     <out>/particles.parquet    every particle (image = stem, source, pixel_size_nm, sizes in nm or px)
     <out>/summary.json         PSD of the whole stack, and one PSD summary per image
     <out>/segment.json         model hash and settings (a re-run into the same out must match them)
@@ -57,6 +57,7 @@ class SegmentResult:
     """What :func:`segment_stack` left in ``out``."""
 
     out: str
+    masks: str  # folder or prefix of the masks
     images: int  # images listed in the stack
     segmented: int  # segmented by this call
     reused: int  # masks found in ``out`` and re-measured
@@ -73,7 +74,7 @@ class SegmentResult:
             "reused": self.reused,
             "errors": [list(e) for e in self.errors],
             "particles": self.particles,
-            "masks": st.join(self.out, "masks"),
+            "masks": self.masks,
             "particles_table": st.join(self.out, "particles.parquet"),
             "images_table": st.join(self.out, "images.parquet"),
             "summary_json": st.join(self.out, "summary.json"),
@@ -143,11 +144,12 @@ class SegmentActor:
         data_cfg: working scale (from the checkpoint), normalisation percentiles, pixel size override.
         seg_cfg: tile overlap, tiles per forward pass.
         device: "cpu" or "cuda".
-        out: output folder or s3:// prefix.
+        masks_dir: folder or s3:// prefix of the masks.
         storage: S3 endpoint and region.
         scheme: "s3" (or s3a...) when Ray's paths are ``bucket/key``; None for local paths.
         stems: source URI -> unique stem.
-        done: stems whose mask already exists in ``out``.
+        done: stems whose mask already exists in ``masks_dir``.
+        fallback_pixel_size_nm: pixel size of frames that neither the config nor the file calibrates.
     """
 
     def __init__(
@@ -156,11 +158,12 @@ class SegmentActor:
         data_cfg: DataConfig,
         seg_cfg: SegmenterConfig,
         device: str,
-        out: str,
+        masks_dir: str,
         storage: StorageConfig | None,
         scheme: str | None,
         stems: dict[str, str],
         done: set[str],
+        fallback_pixel_size_nm: float | None = None,
     ):
         from tgan_ray.inference import Segmenter
 
@@ -169,8 +172,9 @@ class SegmentActor:
             self.segmenter = Segmenter(path, data_cfg, seg_cfg, device)
         finally:
             os.unlink(path)
-        self.data_cfg, self.out, self.storage = data_cfg, out, storage
+        self.data_cfg, self.masks_dir, self.storage = data_cfg, masks_dir, storage
         self.scheme, self.stems, self.done = scheme, stems, done
+        self.fallback_pixel_size_nm = fallback_pixel_size_nm
 
     def _reuse(self, mask_uri: str, shape: tuple[int, ...]) -> np.ndarray | None:
         from tgan_ray.io import decode_image
@@ -189,7 +193,7 @@ class SegmentActor:
         row = _error_row(stem, uri, "")
         try:
             em = decode_image(data, uri)
-            mask_uri = st.join(self.out, "masks", f"{stem}.png")
+            mask_uri = st.join(self.masks_dir, f"{stem}.png")
             mask = self._reuse(mask_uri, em.data.shape) if stem in self.done else None
             if mask is None:
                 d = self.data_cfg
@@ -199,7 +203,7 @@ class SegmentActor:
                 row["status"] = STATUS_SEGMENTED
             else:
                 row["status"] = STATUS_REUSED
-            pixel = self.data_cfg.pixel_size_nm or em.pixel_size_nm
+            pixel = self.data_cfg.pixel_size_nm or em.pixel_size_nm or self.fallback_pixel_size_nm
             particles = measure_particles(mask, stem, pixel)
             summary = psd_summary(particles, images=[stem])
             summary.pop("per_image", None)
@@ -352,6 +356,8 @@ def segment_stack(
     out: str | os.PathLike,
     cfg: Config,
     recursive: bool = False,
+    masks_dir: str | os.PathLike | None = None,
+    fallback_pixel_size_nm: float | None = None,
 ) -> SegmentResult:
     """Segment every image of a stack with Ray Data and write masks, particle table and PSD summaries.
 
@@ -363,6 +369,10 @@ def segment_stack(
         cfg: ``scale_out`` (actors, batch size, CPUs/GPUs per actor), ``segmenter`` (tile overlap, tiles per
             pass), ``data`` (normalisation, ``pixel_size_nm`` override), ``storage`` and ``ray``.
         recursive: also take images below subfolders / deeper prefixes.
+        masks_dir: where the masks go (a folder or ``s3://`` prefix); None: ``<out>/masks``. The pipeline keeps
+            them at ``<run>/masks``, beside its own report.
+        fallback_pixel_size_nm: pixel size (nm) of frames that neither ``data.pixel_size_nm`` nor the file
+            calibrates (the pipeline's stack-wide ``pixel_size.json``); None: those frames are measured in px.
 
     Returns:
         :class:`SegmentResult`.
@@ -380,14 +390,16 @@ def segment_stack(
     images, out, model, storage = str(images), str(out), str(model), cfg.storage
     if st.is_s3(out):
         out = out.rstrip("/")
-    for uri in (images, model, out):
+    masks_dir = st.join(out, "masks") if masks_dir is None else str(masks_dir).rstrip("/")
+    for uri in (images, model):
         if st.is_s3(uri):
             st.check_access(uri, storage)
     st.check_access(out, storage)
+    st.check_access(masks_dir, storage)
     uris = list_stack(images, storage, recursive=recursive)
     stems = unique_stems(uris)
     try:
-        masks = st.list_files(st.join(out, "masks"), storage, exts=["png"])
+        masks = st.list_files(masks_dir, storage, exts=["png"])
     except st.StorageNotFoundError:
         masks = []
     done = {Path(m.replace("\\", "/").rsplit("/", 1)[-1]).stem for m in masks} & set(stems.values())
@@ -405,7 +417,8 @@ def segment_stack(
         "norm_high_percentile": d.norm_high_percentile,
         "tile_overlap": sg.tile_overlap,
     }
-    check_settings(out, settings, {"model": model, "images": images}, storage, "segment.json")
+    sources = {"model": model, "images": images, "masks": masks_dir}
+    check_settings(out, settings, sources, storage, "segment.json")
 
     ray = init_ray(cfg.ray)
     pool = actor_pool_options(cfg, free_cpus=IO_TASK_CPUS)
@@ -430,11 +443,12 @@ def segment_stack(
             "data_cfg": data_cfg,
             "seg_cfg": cfg.segmenter,
             "device": device_for(cfg),
-            "out": out,
+            "masks_dir": masks_dir,
             "storage": storage,
             "scheme": uris[0].split("://", 1)[0] if s3 else None,
             "stems": renamed,
             "done": done,
+            "fallback_pixel_size_nm": fallback_pixel_size_nm,
         },
         **pool,
     )
@@ -464,6 +478,7 @@ def segment_stack(
     errors = [(r["source"], r["reason"]) for r in rows if r["status"] == STATUS_ERROR]
     return SegmentResult(
         out=out,
+        masks=masks_dir,
         images=len(uris),
         segmented=summary["images"]["segmented"],
         reused=summary["images"]["reused"],

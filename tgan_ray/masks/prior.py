@@ -423,6 +423,56 @@ def sample_mask_at(
     return sample_mask(prior, size, np.random.default_rng([int(seed), int(index)]), border_policy)
 
 
+# Key of the draw that decides whether a mask may stay empty; redraws use (seed, index, 1..MAX_EMPTY_REDRAWS), and
+# (seed, index) alone is the first draw. A non-zero key: SeedSequence pads with zeros, so [s, i, 0] == [s, i].
+_EMPTY_ALLOWANCE_KEY = 0x454D5054
+MAX_EMPTY_REDRAWS = 50
+
+
+def sample_capped_mask_at(
+    prior: MorphologyPrior,
+    size: int | tuple[int, int],
+    seed: int,
+    index: int,
+    max_empty_fraction: float = 1.0,
+    border_policy: BorderPolicy = "clip",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mask ``index`` of the stream ``seed``, where at most about ``max_empty_fraction`` of the masks are empty.
+
+    Sparse stacks leave most small tiles without a particle, and a segmenter trained on such pairs learns to
+    find nothing. Index ``i`` may keep an empty first draw only if a uniform draw from (seed, i) is below
+    ``max_empty_fraction``; otherwise empty draws are redrawn from (seed, i, attempt), up to
+    ``MAX_EMPTY_REDRAWS`` times. The rule is per index, so each mask stays reproducible from (seed, index)
+    alone and shards stay independent. The expected share of empty masks is P(empty draw) x
+    ``max_empty_fraction`` (plus the tiny chance that every redraw is empty); 1.0 gives
+    :func:`sample_mask_at`'s stream unchanged.
+
+    Args:
+        prior: The morphology prior.
+        size: Side, or (height, width), px.
+        seed: Stream seed (non-negative).
+        index: Mask index (non-negative).
+        max_empty_fraction: Chance, in [0, 1], that an index may stay empty (``prior.max_empty_fraction``).
+        border_policy: 'clip' or 'exclude' (see :func:`sample_mask`).
+
+    Returns:
+        (mask, labels) as :func:`sample_mask`.
+    """
+    if not 0.0 <= max_empty_fraction <= 1.0:
+        raise ValueError(f"max_empty_fraction={max_empty_fraction} must be within [0, 1]")
+    mask, labels = sample_mask_at(prior, size, seed, index, border_policy)
+    if mask.any() or max_empty_fraction >= 1.0:
+        return mask, labels
+    if np.random.default_rng([int(seed), int(index), _EMPTY_ALLOWANCE_KEY]).random() < max_empty_fraction:
+        return mask, labels
+    for attempt in range(1, MAX_EMPTY_REDRAWS + 1):
+        rng = np.random.default_rng([int(seed), int(index), attempt])
+        mask, labels = sample_mask(prior, size, rng, border_policy)
+        if mask.any():
+            break
+    return mask, labels
+
+
 def sample_masks(
     prior: MorphologyPrior,
     n: int,
