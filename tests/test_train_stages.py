@@ -1,5 +1,6 @@
 """Ray Train stages on a real local Ray: 2 gloo workers, resume from checkpoint, recovery of a killed worker."""
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,11 @@ def test_segmenter_learns_logs_to_mlflow_and_resumes(ray_local, tmp_path):
     }
     parent = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "test").start_child("parent")
     cfg = _cfg(tmp_path, **{"segmenter.epochs": 4, "segmenter.steps_per_epoch": 5, "segmenter.batch_size": 4})
+    scratch = set(Path(tempfile.gettempdir()).glob("tgan-ckpt-*"))
     first = train_stage("segmenter", cfg.segmenter, data, cfg, tmp_path / "run", parent, name="seg")
     assert _state(first)["starts"] == [0]
+    # Each checkpoint is written to a temporary folder, then uploaded: no copy is left behind in /tmp.
+    assert set(Path(tempfile.gettempdir()).glob("tgan-ckpt-*")) <= scratch
 
     from mlflow.tracking import MlflowClient
 

@@ -111,6 +111,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         if is_eval:
             # Every rank reports the same number of times; only rank 0 carries the checkpoint and the score.
-            ray.train.report(metrics if ctx.is_main else {"epoch": epoch + 1}, checkpoint=checkpoint)
+            # The checkpoint folder is a temporary copy: once uploaded to storage it is deleted, not left in /tmp.
+            ray.train.report(
+                metrics if ctx.is_main else {"epoch": epoch + 1},
+                checkpoint=checkpoint,
+                delete_local_checkpoint_after_upload=checkpoint is not None,
+            )
     if start_epoch > last and ctx.is_main:
         _progress(f"[{config['stage']}] already complete ({stage.num_epochs} epochs)")
