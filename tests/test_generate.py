@@ -27,13 +27,19 @@ def ray_s3(s3_server, ray_local):
     return s3_server
 
 
-def _save_generator(path, seed: int) -> str:
+def _save_generator(path, seed: int, noise_channels: int) -> str:
     from tgan_ray.models.networks import define_generator
 
     torch.manual_seed(seed)
-    gan_cfg = Pix2PixConfig(generator_encoder="resnet18", generator_decoder_channels=[16, 16, 8, 8, 8])
-    net = define_generator(gan_cfg.generator_encoder, gan_cfg.generator_decoder_channels)
-    config = gan_cfg.model_dump(mode="json") | {"noise_channels": 0}  # the net above takes no noise maps
+    gan_cfg = Pix2PixConfig(
+        generator_encoder="resnet18",
+        generator_decoder_channels=[16, 16, 8, 8, 8],
+        noise_channels=noise_channels,
+    )
+    net = define_generator(
+        gan_cfg.generator_encoder, gan_cfg.generator_decoder_channels, noise_channels=noise_channels
+    )
+    config = gan_cfg.model_dump(mode="json")
     torch.save({"kind": "pix2pix", "config": config, "generator": net.state_dict()}, path)
     return str(path)
 
@@ -48,8 +54,8 @@ def artefacts(tmp_path_factory):
     MorphologyPrior.from_masks(masks).save(folder / "prior.json")
     return {
         "prior": str(folder / "prior.json"),
-        "pix2pix": _save_generator(folder / "pix2pix.pt", 0),
-        "cyclegan": _save_generator(folder / "cyclegan.pt", 1),
+        "pix2pix": _save_generator(folder / "pix2pix.pt", 0, noise_channels=1),  # as the pipeline's
+        "cyclegan": _save_generator(folder / "cyclegan.pt", 1, noise_channels=0),
     }
 
 
@@ -110,6 +116,7 @@ def test_generate_to_s3_then_complete_lost_pairs(ray_s3, s3_bucket, artefacts):
         "gen/masks/0000009.png",
     ]
     old_mask5 = _png(client, bucket, "gen/masks/0000005.png")
+    old_images = {i: _png(client, bucket, f"gen/images/{i:07d}.png") for i in (2, 9)}
     for key in lost:
         client.delete_object(Bucket=bucket, Key=key)
     time.sleep(1.1)  # S3 LastModified has a one-second resolution
@@ -123,6 +130,8 @@ def test_generate_to_s3_then_complete_lost_pairs(ray_s3, s3_bucket, artefacts):
     assert rewritten - {"gen/manifest.parquet"} <= pair_files and set(lost) <= set(after)
     assert sorted(k for k in after if k.endswith(".png")) == sorted(k for k in objects if k.endswith(".png"))
     np.testing.assert_array_equal(_png(client, bucket, "gen/masks/0000005.png"), old_mask5)
+    for i, image in old_images.items():  # pix2pix's noise comes from (seed, index) too: the same pair again
+        np.testing.assert_array_equal(_png(client, bucket, f"gen/images/{i:07d}.png"), image)
     manifest2 = pd.read_parquet(
         io.BytesIO(client.get_object(Bucket=bucket, Key="gen/manifest.parquet")["Body"].read())
     )

@@ -209,12 +209,16 @@ class GeneratorActor:
         cyclegan_ref: the CycleGAN stage's model.pt bytes, or None for a pix2pix-only dataset.
         device: "cpu" or "cuda".
         batch_size: images per generator call.
+        seed: the dataset's seed; pix2pix's noise input for pair i is drawn from (seed, i), so a pair's image,
+            like its mask, does not depend on which actor or batch made it.
     """
 
-    def __init__(self, pix2pix_ref: list, cyclegan_ref: list | None, device: str, batch_size: int):
+    def __init__(
+        self, pix2pix_ref: list, cyclegan_ref: list | None, device: str, batch_size: int, seed: int = 0
+    ):
         from tgan_ray.inference import load_generator
 
-        self.batch_size = batch_size
+        self.batch_size, self.seed = batch_size, seed
         self.generators = []
         # The refs come wrapped in a list so that Ray hands over the reference, not a copy of the bytes.
         for ref in [pix2pix_ref[0]] + ([cyclegan_ref[0]] if cyclegan_ref else []):
@@ -227,12 +231,20 @@ class GeneratorActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from tgan_ray.inference import run_generator
 
-        first = run_generator(self.generators[0], batch["mask"].astype(np.float32), self.batch_size)
+        noise_seeds = np.array([noise_seed(self.seed, int(i)) for i in batch["index"]], dtype=np.int64)
+        first = run_generator(
+            self.generators[0], batch["mask"].astype(np.float32), self.batch_size, noise_seeds
+        )
         out = {"index": batch["index"], "mask": batch["mask"], "image": _to_u8(first)}
         if len(self.generators) > 1:
             out["gen1"] = out["image"]
             out["image"] = _to_u8(run_generator(self.generators[1], first, self.batch_size))
         return out
+
+
+def noise_seed(seed: int, index: int) -> int:
+    """Seed of pix2pix's noise input for pair ``index`` (a stream apart from the masks' (seed, index))."""
+    return int(np.random.SeedSequence([seed, index, 7]).generate_state(1, np.uint32)[0])
 
 
 def pair_paths(index: int) -> dict[str, str]:
@@ -443,6 +455,7 @@ def generate_dataset(
                 "cyclegan_ref": [cyc_ref] if cyc_ref else None,
                 "device": device_for(cfg),
                 "batch_size": cfg.scale_out.batch_size,
+                "seed": seed,
             },
             **pool,
         )

@@ -45,14 +45,38 @@ def load_generator(model_path: str | Path, device: str | torch.device | None = N
 
 
 @torch.no_grad()
-def run_generator(generator: torch.nn.Module, inputs: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Images or masks in [0, 1] (N x H x W) -> generated images in [0, 1] (N x H x W, float32)."""
+def run_generator(
+    generator: torch.nn.Module,
+    inputs: np.ndarray,
+    batch_size: int = 16,
+    noise_seeds: np.ndarray | None = None,
+) -> np.ndarray:
+    """Images or masks in [0, 1] (N x H x W) -> generated images in [0, 1] (N x H x W, float32).
+
+    Args:
+        generator: from :func:`load_generator`.
+        inputs: masks (pix2pix) or images (CycleGAN).
+        batch_size: inputs per forward pass.
+        noise_seeds: one seed per input for a noise-input generator (``NoiseInput``): image i then depends on
+            its seed alone, not on batching or on what ran before. None: noise from torch's generator.
+    """
+    from tgan_ray.models.networks import NoiseInput
+
     device = next(generator.parameters()).device
     out = []
     for i in range(0, len(inputs), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(inputs[i : i + batch_size], dtype=np.float32))[:, None]
+        kwargs = {}
+        if isinstance(generator, NoiseInput) and noise_seeds is not None:
+            maps = [
+                torch.randn(
+                    (generator.channels, *x.shape[2:]), generator=torch.Generator().manual_seed(int(s))
+                )
+                for s in noise_seeds[i : i + batch_size]
+            ]
+            kwargs["noise"] = torch.stack(maps)
         with _autocast(device):
-            y = generator(x.to(device) * 2 - 1)
+            y = generator(x.to(device) * 2 - 1, **kwargs)
         out.append(((y.float().clamp(-1, 1) + 1) / 2)[:, 0].cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,) + inputs.shape[1:], np.float32)
 

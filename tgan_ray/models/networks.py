@@ -291,9 +291,11 @@ class NoiseInput(nn.Module):
         super().__init__()
         self.net, self.channels = net, channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(x.shape[0], self.channels, *x.shape[2:], device=x.device, dtype=x.dtype)
-        return self.net(torch.cat((x, noise), 1))
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``noise`` (N, channels, H, W): given to reproduce an image; None: drawn from torch's generator."""
+        if noise is None:
+            noise = torch.randn(x.shape[0], self.channels, *x.shape[2:], device=x.device, dtype=x.dtype)
+        return self.net(torch.cat((x, noise.to(x.device, x.dtype)), 1))
 
 
 class PatchGANDiscriminator(nn.Module):
