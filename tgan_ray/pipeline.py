@@ -27,6 +27,7 @@ prior.max_empty_fraction)``: the same file in round{r}/virtual/masks and round{r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -317,16 +318,17 @@ class Pipeline:
             out = round_dir / "virtual"
         else:
             raise ValueError(f"step_gen({src!r}, {dst!r}): use masks -> gen1, or gen1 -> gen2 with pix2pix=")
-        result = generate_dataset(
-            round_dir / "prior.json",
-            p2p,
-            cyc,
-            self.cfg.prior.n_masks,
-            out,
-            self.cfg,
-            seed=self.mask_seed(rnd),
-            write_gen1=cyc is not None,
-        )
+        with _quiet_ray_data():
+            result = generate_dataset(
+                round_dir / "prior.json",
+                p2p,
+                cyc,
+                self.cfg.prior.n_masks,
+                out,
+                self.cfg,
+                seed=self.mask_seed(rnd),
+                write_gen1=cyc is not None,
+            )
         self.log(
             f"   {result.count} pairs in {out} ({result.generated} generated, {result.reused} kept from before; "
             f"{result.images_per_s:.1f} pairs/s)"
@@ -483,14 +485,15 @@ class Pipeline:
         from tgan_ray.io import list_stack
         from tgan_ray.segment import STATUS_ERROR, segment_stack
 
-        result = segment_stack(
-            seg["model"],
-            self.images,
-            self.run_dir / "segment",
-            self.cfg,
-            masks_dir=self.run_dir / "masks",
-            fallback_pixel_size_nm=_sidecar_pixel_size(list_stack(self.images, self.cfg.storage)[0]),
-        )
+        with _quiet_ray_data():
+            result = segment_stack(
+                seg["model"],
+                self.images,
+                self.run_dir / "segment",
+                self.cfg,
+                masks_dir=self.run_dir / "masks",
+                fallback_pixel_size_nm=_sidecar_pixel_size(list_stack(self.images, self.cfg.storage)[0]),
+            )
         outputs = {**result.to_dict(), "folder": str(self.run_dir / "masks")}
         table = pd.read_parquet(outputs["images_table"]).set_index("image")
         status = table["status"].to_dict()
@@ -547,6 +550,20 @@ def _flat(d: dict, prefix: str = "") -> dict:
         key = f"{prefix}.{k}" if prefix else k
         out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
     return out
+
+
+@contextlib.contextmanager
+def _quiet_ray_data():
+    """No Ray Data progress bars inside the pipeline: each step prints its own summary line instead."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = before
 
 
 def _sidecar_pixel_size(first_uri: str) -> float | None:
