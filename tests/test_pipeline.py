@@ -189,3 +189,31 @@ def test_too_few_images_and_no_particles_are_clear_errors(tmp_path, ray_local):
         )
     with pytest.raises(NoParticlesError, match="particle-contrast"):
         run_pipeline(str(blank), tmp_path / "r2", cfg, log=lambda m: None)
+
+
+def test_adaptation_rounds_use_the_previous_segmenter(tmp_path, ray_local):
+    from tgan_ray.inference import Segmenter
+
+    stack = make_stack(tmp_path / "stack", n=5, modality="haadf", size=96, seed=5)
+    # Round 1's segmenter must find particles for round 2 to start: it gets more steps than the GANs.
+    fast = {"pix2pix.epochs_decay": 0, "pix2pix.eval_every": 1, "segmenter.steps_per_epoch": 8}
+    cfg = load_config("quick", overrides={**TINY, **fast, "run.rounds": 2})
+    out = tmp_path / "run"
+    result = run_pipeline(str(stack / "images"), out, cfg, log=lambda m: None)
+
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    for rnd in (1, 2):
+        for step in ("rough", "prior", "pix2pix", "gen1", "cyclegan", "gen2", "virtual", "segmenter"):
+            assert steps[f"round{rnd}/{step}"]["status"] == "done", (rnd, step)
+    # Round 2's rough masks are round 1's NPsSegNet on subset 1, not the classical segmenter's.
+    pipe = Pipeline(str(stack / "images"), out, cfg, log=lambda m: None)
+    round1 = Segmenter(out / "round1" / "npssegnet.pt", pipe.data_cfg, cfg.segmenter)
+    stem = steps["stack"]["outputs"]["subset1"][0]
+    expected = round1.segment_working(pipe._work(stem))
+    got = np.asarray(Image.open(out / "round2" / "rough" / f"{stem}.png")) > 127
+    np.testing.assert_array_equal(got, expected)
+    # Each round draws its own random masks; the final masks come from the last round's segmenter.
+    assert steps["round1/prior"]["outputs"]["seed"] != steps["round2/prior"]["outputs"]["seed"]
+    assert result.segmenter == out / "round2" / "npssegnet.pt"
+    segment_json = json.loads((out / "segment" / "segment.json").read_text())
+    assert segment_json["sources"]["model"].endswith("round2/npssegnet.pt")

@@ -190,6 +190,13 @@ class SegmenterConfig(_Section):
         description="paper: Flip, ShiftScaleRotate, GaussNoise. em: also brightness/contrast/gamma, and the "
         "pixel noise the virtual images lack compared with the real stack (measured).",
     )
+    min_drawn_contrast: float = Field(
+        0.3,
+        ge=0,
+        description="A virtual image in which a masked particle's contrast to its surrounding support is below "
+        "this x the real particles' median contrast left that particle out: the pair takes the other "
+        "generation's image when that one shows every particle. 0: no check.",
+    )
     min_particle_fraction: float = Field(
         1.0,
         ge=0,

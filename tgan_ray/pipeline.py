@@ -205,7 +205,10 @@ class Pipeline:
             segment = seg.segment_working
         stems = stack["subset1"]
         masks = [segment(self._work(s)) for s in stems]
-        check_masks(masks, stems)
+        hint = None
+        if rnd > 1:
+            hint = f"round {rnd - 1}'s NPsSegNet found none: train it longer (segmenter.epochs) or use --rounds 1"
+        check_masks(masks, stems, hint)
         folder = self.run_dir / f"round{rnd}" / "rough"
         _save_pngs_named(folder, stems, masks)
         counts = {s: int(_count(m)) for s, m in zip(stems, masks)}
@@ -365,7 +368,9 @@ class Pipeline:
 
         The 2nd generation (images/) is used unless it is further from the real images (KID, same extractor and
         real crops) than the 1st (gen1/): an undertrained CycleGAN can erase particles, and a segmenter trained
-        on such pairs learns wrong labels. The choice and both scores are recorded.
+        on such pairs learns wrong labels. Pair by pair, an image that does not show every particle of its mask
+        (``masks/consistency.py``) is replaced by the other generation's when that one does. The choices and the
+        scores are recorded.
         """
         import pandas as pd
         import torch
@@ -392,21 +397,59 @@ class Pipeline:
                 "train CycleGAN longer (cyclegan.epochs) to get the 2nd"
             )
         self.tracker.log_metrics({f"round{rnd}/virtual_kid_{k}": v for k, v in scores.items()})
-        images = rows["image" if source == "gen2" else "gen1"]
-        pairs = [
-            {"image": i, "mask": m, "first_generation": g}
-            for i, m, g in zip(images, rows["mask"], rows["gen1"], strict=True)
-        ]
+        first, second = ("image", "gen1") if source == "gen2" else ("gen1", "image")
+        pairs, chosen = self._drawn_pairs(rows, virtual, first, second, rnd)
+        self.log(
+            f"   virtual pairs: {chosen['first']} from the {source} images, {chosen['second']} from the other "
+            f"generation (the {source} image left a particle out), {chosen['neither']} with a particle neither drew"
+        )
+        self.tracker.log_metrics({f"round{rnd}/virtual_pairs_{k}": v for k, v in chosen.items()})
         write_json(
             virtual / "manifest.json",
-            {"pairs": pairs, "count": len(pairs), "source": source, "kid_random-resnet18": scores},
+            {
+                "pairs": pairs,
+                "count": len(pairs),
+                "source": source,
+                "kid_random-resnet18": scores,
+                "chosen": chosen,
+            },
         )
         return {
             "manifest": str(virtual / "manifest.json"),
             "count": len(pairs),
             "source": source,
             "kid": scores,
+            "chosen": chosen,
         }
+
+    def _drawn_pairs(self, rows, virtual: Path, first: str, second: str, rnd: int):
+        """Pairs whose image shows every particle of the mask: column ``first``, else ``second``, else ``first``."""
+        from PIL import Image
+
+        from tgan_ray.masks.consistency import median_contrast, shows_all_particles
+
+        rough = self.manifest.outputs(f"round{rnd}/rough")
+        stems = list(rough["particles"])
+        reference = median_contrast(
+            [self._work(s) for s in stems], [_load_mask(Path(rough["folder"]) / f"{s}.png") for s in stems]
+        )
+        min_fraction = self.cfg.segmenter.min_drawn_contrast
+
+        def shows_all(column: str, row) -> bool:
+            image = np.asarray(Image.open(virtual / row[column]), dtype=np.float32) / 255
+            return shows_all_particles(image, _load_mask(virtual / row["mask"]), reference, min_fraction)
+
+        pairs, chosen = [], {"first": 0, "second": 0, "neither": 0}
+        for _, row in rows.iterrows():
+            if shows_all(first, row):
+                column, key = first, "first"
+            elif shows_all(second, row):
+                column, key = second, "second"
+            else:
+                column, key = first, "neither"
+            chosen[key] += 1
+            pairs.append({"image": row[column], "mask": row["mask"], "first_generation": row["gen1"]})
+        return pairs, chosen
 
     # -- step 7: NPsSegNet ----------------------------------------------------------------------------------------
     def step_segmenter(self, prior: dict, virtual_step: dict, rnd: int) -> dict[str, Any]:

@@ -48,6 +48,12 @@ def _as_frame(image: np.ndarray) -> np.ndarray:
     return normalize_intensity(image)
 
 
+# A particle's edge: where its contrast above the support falls to this fraction of its peak. HAADF intensity
+# follows projected thickness; a sphere's falls to 50% at 0.87 R (a half-maximum contour undersizes diameters by
+# 13%) and to 30% at 0.95 R. On synthetic stacks 0.3 brings the mask area to 0.92-1.04x the truth (was 0.68-0.88x).
+EDGE_FRACTION = 0.3
+
+
 def _shrink(x: np.ndarray, factor: int) -> np.ndarray:
     """Block-mean downsampling; the frame is edge-padded to whole blocks so border blocks are not darkened."""
     if factor == 1:
@@ -195,7 +201,8 @@ class ClassicalSegmenter:
     biased low by noise) -> white top-hat with a disk of 2.5 r -> Otsu threshold scaled by ``confidence``,
     never below a noise floor -> fill holes -> drop objects under ``min_particle_px`` or (0.35 r)^2 pi ->
     split touching particles (distance watershed) -> keep objects that are convex, not streaks, significant
-    in scale space at their own size, and brighter than a ring of background around them -> full resolution.
+    in scale space at their own size, and brighter than a ring of background around them -> grow each to where
+    its contrast falls to 30% of its peak (sizes, not the strict threshold, set the edge) -> full resolution.
 
     Args:
         particle_contrast: 'bright' (HAADF), 'dark' (BF-TEM) or 'auto' (decided per image).
@@ -272,10 +279,11 @@ class ClassicalSegmenter:
         factor = max(1, int(radius / _WORK_RADIUS_PX))
         work, r = _shrink(x, factor), radius / factor
         smooth = ndi.gaussian_filter(work, max(0.5, 0.25 * r))
-        score = smooth - _background(smooth, 2.5 * r)
-        score -= self._threshold(score)
+        raw = smooth - _background(smooth, 2.5 * r)
+        score = raw - self._threshold(raw)
         labels = _split(score > 0, r, min_area=self.min_particle_px / factor**2)
         labels = self._plausible(labels, work, r)
+        labels, score = _grow_to_edges(labels, raw, r)
         if factor > 1:
             labels = _upsample_labels(labels, score, x.shape, factor)
         return labels.astype(np.int32)
@@ -334,6 +342,30 @@ class ClassicalSegmenter:
         for p in regionprops(labels * keep[labels]):
             keep[p.label] = p.solidity >= 0.75 + 0.15 * c  # clusters and support lumps are not convex
         return _relabel(labels * keep[labels])
+
+
+def _grow_to_edges(labels: np.ndarray, raw: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray]:
+    """Grow each detected particle out to where its contrast falls to ``EDGE_FRACTION`` of its peak.
+
+    The detection threshold is strict (precision first), so it cuts particles at their bright core; sizes then
+    come out small. Each particle floods (watershed on the contrast, never past 0.5 r nor into a neighbour) over
+    the pixels above its own edge level.
+
+    Returns:
+        (labels, edge score: > 0 inside a particle, for the upsampling's sub-pixel edges).
+    """
+    n = int(labels.max())
+    if n == 0:
+        return labels, np.full_like(raw, -1.0)
+    level = np.zeros(n + 1)
+    level[1:] = EDGE_FRACTION * np.asarray(ndi.maximum(raw, labels, np.arange(1, n + 1)))
+    near = ndi.distance_transform_edt(labels == 0) <= 0.5 * r
+    grown = watershed(-raw, labels, mask=(near & (raw > level[1:].min())) | (labels > 0))
+    grown = np.where((raw >= level[grown]) | (labels > 0), grown, 0)
+    edge = level[ndi.grey_dilation(grown, size=3)]
+    score = np.where(edge > 0, raw - edge, -1.0)
+    score[labels > 0] = np.maximum(score[labels > 0], 1e-6)
+    return grown, score
 
 
 def _background(image: np.ndarray, radius: float) -> np.ndarray:
@@ -517,12 +549,13 @@ def create_rough_segmenter(cfg: RoughMaskConfig, device: str = "cpu", tile: int 
     raise KeyError(f"unknown rough.method {cfg.method!r}; choose one of: classical, model, sam")
 
 
-def check_masks(masks: Sequence[np.ndarray], sources: Sequence[str]) -> list[int]:
+def check_masks(masks: Sequence[np.ndarray], sources: Sequence[str], hint: str | None = None) -> list[int]:
     """Particles per rough mask; raises :class:`NoParticlesError` when no mask holds any.
 
     Args:
         masks: Rough masks (bool or labels).
         sources: A name per mask (file stem or URI), for the message.
+        hint: What to try, for the message (default: the classical segmenter's settings).
 
     Returns:
         The particle count of each mask.
@@ -530,8 +563,6 @@ def check_masks(masks: Sequence[np.ndarray], sources: Sequence[str]) -> list[int
     counts = [int(ndi.label(np.asarray(m) > 0, structure=np.ones((3, 3)))[1]) for m in masks]
     if not any(counts):
         names = ", ".join(map(str, list(sources)[:5])) + (", ..." if len(sources) > 5 else "")
-        raise NoParticlesError(
-            f"rough masks of {len(counts)} image(s) ({names}) hold no particles; try --particle-contrast "
-            "bright|dark, a lower rough.confidence, or a --seed-model"
-        )
+        hint = hint or "try --particle-contrast bright|dark, a lower rough.confidence, or a --seed-model"
+        raise NoParticlesError(f"rough masks of {len(counts)} image(s) ({names}) hold no particles; {hint}")
     return counts
