@@ -198,7 +198,7 @@ class SegmenterConfig(_Section):
         "generation's image when that one shows every particle. 0: no check.",
     )
     min_particle_fraction: float = Field(
-        1.0,
+        0.5,
         ge=0,
         description="Predicted objects smaller than this x the prior's 5th-percentile particle area are "
         "dropped (and holes that small filled). 0: keep every pixel the network marks.",
