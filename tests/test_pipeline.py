@@ -195,8 +195,17 @@ def test_adaptation_rounds_use_the_previous_segmenter(tmp_path, ray_local):
     from tgan_ray.inference import Segmenter
 
     stack = make_stack(tmp_path / "stack", n=5, modality="haadf", size=96, seed=5)
-    # Round 1's segmenter must find particles for round 2 to start: it gets more steps than the GANs.
-    fast = {"pix2pix.epochs_decay": 0, "pix2pix.eval_every": 1, "segmenter.steps_per_epoch": 8}
+    # Round 1's segmenter must find particles in real frames for round 2 to start: pix2pix must draw them
+    # (40 steps, a few seconds) and NPsSegNet must learn them (30 steps).
+    fast = {
+        "pix2pix.epochs": 4,
+        "pix2pix.epochs_decay": 0,
+        "pix2pix.steps_per_epoch": 10,
+        "pix2pix.eval_every": 4,
+        "segmenter.epochs": 3,
+        "segmenter.steps_per_epoch": 10,
+        "segmenter.val_every": 3,
+    }
     cfg = load_config("quick", overrides={**TINY, **fast, "run.rounds": 2})
     out = tmp_path / "run"
     result = run_pipeline(str(stack / "images"), out, cfg, log=lambda m: None)
