@@ -525,7 +525,6 @@ class Pipeline:
         """
         import pandas as pd
 
-        from tgan_ray.io import list_stack
         from tgan_ray.segment import STATUS_ERROR, segment_stack
 
         with _quiet_ray_data():
@@ -535,7 +534,7 @@ class Pipeline:
                 self.run_dir / "segment",
                 self.cfg,
                 masks_dir=self.run_dir / "masks",
-                fallback_pixel_size_nm=_sidecar_pixel_size(list_stack(self.images, self.cfg.storage)[0]),
+                fallback_pixel_size_nm=_sidecar_pixel_size(stack["frames"][0]["source"]),
             )
         outputs = {**result.to_dict(), "folder": str(self.run_dir / "masks")}
         table = pd.read_parquet(outputs["images_table"]).set_index("image")
