@@ -65,19 +65,25 @@ def run_generator(
     device = next(generator.parameters()).device
     out = []
     for i in range(0, len(inputs), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(inputs[i : i + batch_size], dtype=np.float32))[:, None]
+        chunk = np.ascontiguousarray(inputs[i : i + batch_size], dtype=np.float32)
+        n = len(chunk)
+        # Every forward pass gets exactly batch_size inputs (the last one zero-padded): CPU kernels pick their
+        # algorithm, and so their rounding, by batch size, and a pair regenerated alone must be the same image.
+        x = torch.from_numpy(np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)]))
+        x = x[:, None]
         kwargs = {}
         if isinstance(generator, NoiseInput) and noise_seeds is not None:
+            seeds = list(noise_seeds[i : i + batch_size]) + [0] * (batch_size - n)
             maps = [
                 torch.randn(
                     (generator.channels, *x.shape[2:]), generator=torch.Generator().manual_seed(int(s))
                 )
-                for s in noise_seeds[i : i + batch_size]
+                for s in seeds
             ]
             kwargs["noise"] = torch.stack(maps)
         with _autocast(device):
             y = generator(x.to(device) * 2 - 1, **kwargs)
-        out.append(((y.float().clamp(-1, 1) + 1) / 2)[:, 0].cpu().numpy())
+        out.append(((y[:n].float().clamp(-1, 1) + 1) / 2)[:, 0].cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,) + inputs.shape[1:], np.float32)
 
 
