@@ -69,7 +69,9 @@ def run_generator(
         n = len(chunk)
         # Every forward pass gets exactly batch_size inputs (the last one zero-padded): CPU kernels pick their
         # algorithm, and so their rounding, by batch size, and a pair regenerated alone must be the same image.
-        x = torch.from_numpy(np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)]))
+        x = torch.from_numpy(
+            np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)])
+        )
         x = x[:, None]
         kwargs = {}
         if isinstance(generator, NoiseInput) and noise_seeds is not None:
