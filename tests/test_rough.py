@@ -192,3 +192,27 @@ def test_model_segmenter_runs_a_saved_npssegnet(tmp_path):
     image, _ = em_frame(seed=12, size=100)
     mask = seg.segment(image)
     assert mask.shape == (100, 100) and mask.dtype == bool
+
+
+def test_scale_of_particles_a_tenth_of_the_frame():
+    # a 512 px BF-TEM frame of particles about 90 px across (the blob scan once stopped at radius 29 px)
+    image, _ = em_frame(seed=11, size=512, n=8, radius=44.0, dark=True, dose=8.0)
+    radius = ClassicalSegmenter("dark").estimate_scale(image)
+    assert 0.7 * 44 < radius < 1.4 * 44, radius
+
+
+def test_pick_radius_rejects_a_noise_scale():
+    # A noisy frame's blob scan can lock onto shot noise (1-4 px): segmented there, it shows no particle.
+    image, truth = em_frame(seed=11, size=512, n=12, radius=26.0, dark=True, dose=8.0)
+    radius, labels = ClassicalSegmenter("dark").pick_radius(image, [1.5, 4.0, 26.0])
+    assert radius == 26.0 and object_f1(labels > 0, truth)[0] > 0.8
+
+
+def test_each_frame_of_a_mixed_stack_takes_its_own_scale():
+    """Frames of two magnifications in one stack: each is segmented at the stack radius that suits it."""
+    frames = [em_frame(seed=12, size=256, radius=5.0), em_frame(seed=13, size=768, radius=15.0)]
+    seg = ClassicalSegmenter("bright")
+    contrast, radii = seg.stack_radii([f for f, _ in frames])
+    assert contrast == "bright" and len(radii) == 2
+    for (_, truth), masks in zip(frames, seg.segment_stack([f for f, _ in frames]), strict=True):
+        assert object_f1(masks, truth)[0] > 0.8

@@ -222,3 +222,37 @@ def test_segment_missing_bucket_fails_before_ray_work(s3_bucket, segmenter_path,
 def test_unique_stems_keeps_list_order():
     uris = ["s3://b/x/a.png", "s3://b/x/a.tif", "/data/b.dm4", "/other/a.png", "s3://b/x/a_.png"]
     assert list(unique_stems(uris).values()) == ["a", "a_", "b", "a__", "a___"]
+
+
+def test_segment_rough_is_the_classical_segmenter_at_the_stack_scale(ray_local, stack_dir, tmp_path):
+    """``tgan segment --rough``: the training-free baseline with a model's outputs, one contrast for the stack,
+    each frame at the best of the stack's radii."""
+    from tgan_ray.io import normalize_intensity, read_image
+    from tgan_ray.masks import ClassicalSegmenter
+
+    cfg = _cfg()
+    result = segment_stack(None, stack_dir, tmp_path / "out", cfg, rough=True)
+    assert (result.segmented, result.errors) == (N_IMAGES, []) and result.particles > 0
+    settings = json.loads((tmp_path / "out" / "segment.json").read_text())
+    assert settings["rough"]["contrast"] == "bright" and settings["rough"]["radii"]
+    d, seg = cfg.data, ClassicalSegmenter(cfg.rough.particle_contrast, cfg.rough.min_particle_px)
+    frames = {
+        p.stem: normalize_intensity(read_image(str(p)).data, d.norm_low_percentile, d.norm_high_percentile)
+        for p in sorted(stack_dir.glob("*.png"))
+    }
+    for stem, image in frames.items():
+        expected = seg.segment(image, settings["rough"]["radii"], "bright")
+        np.testing.assert_array_equal(np.asarray(Image.open(result.masks + f"/{stem}.png")) > 127, expected)
+    for name in ("images.parquet", "particles.parquet", "summary.json"):
+        assert (tmp_path / "out" / name).is_file()
+    with pytest.raises(ScaleOutError, match="not both or neither"):
+        segment_stack(None, stack_dir, tmp_path / "o2", cfg)
+
+
+def test_cli_segment_needs_a_model_or_rough(tmp_path):
+    from typer.testing import CliRunner
+
+    from tgan_ray.cli import app
+
+    result = CliRunner().invoke(app, ["segment", "--images", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--model" in result.output and "--rough" in result.output

@@ -262,11 +262,22 @@ def generate(
 
 @app.command()
 def segment(
-    model: Annotated[
-        str, typer.Option("--model", help="NPsSegNet checkpoint: path, s3:// or models:/name/version.")
-    ],
     images: Annotated[str, typer.Option("--images", help="Stack: a folder, a glob or s3://bucket/prefix.")],
     out: Annotated[str, typer.Option("--out", help="Output folder or s3://bucket/prefix.")],
+    model: Annotated[
+        str | None, typer.Option("--model", help="NPsSegNet checkpoint: path, s3:// or models:/name/version.")
+    ] = None,
+    rough: Annotated[
+        bool,
+        typer.Option(
+            "--rough",
+            help="No model: the classical, training-free segmenter of step 2 (one contrast and particle scale "
+            "for the stack), the baseline a label-free model must beat.",
+        ),
+    ] = False,
+    particle_contrast: Annotated[
+        str | None, typer.Option(help="With --rough: bright (HAADF) | dark (BF-TEM) | auto.")
+    ] = None,
     preset: Preset = "paper",
     config: ConfigFile = None,
     set_: Sets = None,
@@ -275,9 +286,15 @@ def segment(
     from tgan_ray.model_uri import resolve_model_uri
     from tgan_ray.segment import segment_stack
 
-    cfg = _config(preset, config, _parse_sets(set_))
+    if rough == (model is not None):
+        _fail("give --model (a trained NPsSegNet) or --rough (the classical segmenter), one of the two")
+    overrides = _parse_sets(set_)
+    if particle_contrast:
+        overrides["rough.particle_contrast"] = particle_contrast
+    cfg = _config(preset, config, overrides)
     try:
-        result = segment_stack(resolve_model_uri(model, cfg), images, out, cfg)
+        resolved = None if rough else resolve_model_uri(model, cfg)
+        result = segment_stack(resolved, images, out, cfg, rough=rough)
     except (ValueError, *_user_errors()) as exc:
         _fail(str(exc))
     typer.secho(f"done: {result}", fg=typer.colors.GREEN)

@@ -37,6 +37,7 @@ import numpy as np
 from tgan_ray.config import Config, DataConfig, SegmenterConfig, StorageConfig
 from tgan_ray.generate import (
     IO_TASK_CPUS,
+    ScaleOutError,
     actor_pool_options,
     check_settings,
     device_for,
@@ -140,7 +141,7 @@ class SegmentActor:
     ``error`` row; a storage failure while writing a mask is not the image's fault and fails the job.
 
     Args:
-        model_ref: object-store reference to the NPsSegNet checkpoint's bytes.
+        model_ref: object-store reference to the NPsSegNet checkpoint's bytes, or None with ``rough``.
         data_cfg: working scale (from the checkpoint), normalisation percentiles, pixel size override.
         seg_cfg: tile overlap, tiles per forward pass.
         device: "cpu" or "cuda".
@@ -150,6 +151,8 @@ class SegmentActor:
         stems: source URI -> unique stem.
         done: stems whose mask already exists in ``masks_dir``.
         fallback_pixel_size_nm: pixel size of frames that neither the config nor the file calibrates.
+        rough: instead of a model, the classical segmenter: ``{"config": cfg.rough as a dict, "contrast",
+            "radii"}`` with the stack's contrast and candidate particle radii (:func:`rough_stack_settings`).
     """
 
     def __init__(
@@ -164,14 +167,18 @@ class SegmentActor:
         stems: dict[str, str],
         done: set[str],
         fallback_pixel_size_nm: float | None = None,
+        rough: dict[str, Any] | None = None,
     ):
-        from tgan_ray.inference import Segmenter
+        if rough is not None:
+            self.segment = rough_segment_fn(rough)
+        else:
+            from tgan_ray.inference import Segmenter
 
-        path = local_copy(model_ref[0], ".pt")
-        try:
-            self.segmenter = Segmenter(path, data_cfg, seg_cfg, device)
-        finally:
-            os.unlink(path)
+            path = local_copy(model_ref[0], ".pt")
+            try:
+                self.segment = Segmenter(path, data_cfg, seg_cfg, device).segment
+            finally:
+                os.unlink(path)
         self.data_cfg, self.masks_dir, self.storage = data_cfg, masks_dir, storage
         self.scheme, self.stems, self.done = scheme, stems, done
         self.fallback_pixel_size_nm = fallback_pixel_size_nm
@@ -198,7 +205,7 @@ class SegmentActor:
             if mask is None:
                 d = self.data_cfg
                 image = normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile)
-                mask = self.segmenter.segment(image)
+                mask = self.segment(image)
                 write_mask_png(mask_uri, mask, self.storage)
                 row["status"] = STATUS_SEGMENTED
             else:
@@ -233,6 +240,53 @@ class SegmentActor:
             rows.append(self._one(bytes(data), uri))
         keys = rows[0] if rows else _error_row("", "", "")
         return {key: np.array([r[key] for r in rows], dtype=_ROW_DTYPES.get(key, object)) for key in keys}
+
+
+def rough_segment_fn(rough: dict[str, Any]):
+    """``image -> mask`` of the classical segmenter at the stack's contrast and radii (see SegmentActor)."""
+    from functools import partial
+
+    from tgan_ray.config import RoughMaskConfig
+    from tgan_ray.masks import ClassicalSegmenter
+
+    c = RoughMaskConfig.model_validate(rough["config"])
+    segmenter = ClassicalSegmenter(c.particle_contrast, c.min_particle_px, c.confidence)
+    return partial(segmenter.segment, radius=rough["radii"], contrast=rough["contrast"])
+
+
+# Frames read on the driver to fix the rough segmenter's one contrast and scale for the whole stack.
+ROUGH_SAMPLE_FRAMES = 8
+
+
+def rough_stack_settings(uris: list[str], cfg: Config) -> dict[str, Any]:
+    """The classical segmenter's settings for a stack: its config, one contrast and the candidate particle radii
+    (px; each frame takes the best) estimated on up to ``ROUGH_SAMPLE_FRAMES`` frames spread over the stack
+    (unreadable ones are skipped).
+
+    Raises:
+        ScaleOutError: none of the sampled frames could be read.
+    """
+    from tgan_ray.io import decode_image, normalize_intensity
+    from tgan_ray.masks import ClassicalSegmenter
+
+    if cfg.rough.method != "classical":
+        raise ScaleOutError(f"--rough runs the classical segmenter; rough.method is {cfg.rough.method!r}")
+    picks = sorted({round(i) for i in np.linspace(0, len(uris) - 1, min(len(uris), ROUGH_SAMPLE_FRAMES))})
+    frames, d = [], cfg.data
+    for i in picks:
+        try:
+            em = decode_image(st.read_bytes(uris[i], cfg.storage), uris[i])
+        except st.StorageError:
+            raise
+        except Exception:  # noqa: BLE001 - an unreadable frame is reported by the actors, with its reason
+            continue
+        frames.append(normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile))
+    if not frames:
+        raise ScaleOutError(f"none of the {len(picks)} frames sampled from the stack could be read")
+    r = cfg.rough
+    segmenter = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, r.confidence)
+    contrast, radii = segmenter.stack_radii(frames)
+    return {"config": r.model_dump(mode="json"), "contrast": contrast, "radii": [round(x, 3) for x in radii]}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -351,19 +405,20 @@ def _model_data_cfg(data: bytes, model: str, cfg: Config) -> DataConfig:
 
 
 def segment_stack(
-    model: str | os.PathLike,
+    model: str | os.PathLike | None,
     images: str | os.PathLike,
     out: str | os.PathLike,
     cfg: Config,
     recursive: bool = False,
     masks_dir: str | os.PathLike | None = None,
     fallback_pixel_size_nm: float | None = None,
+    rough: bool = False,
 ) -> SegmentResult:
     """Segment every image of a stack with Ray Data and write masks, particle table and PSD summaries.
 
     Args:
         model: NPsSegNet checkpoint (``npssegnet.pt`` of a run, or a segmenter stage's ``model.pt``), local
-            or s3://.
+            or s3://; None with ``rough``.
         images: the stack: a folder, a glob or an ``s3://bucket/prefix``.
         out: output folder or ``s3://bucket/prefix``.
         cfg: ``scale_out`` (actors, batch size, CPUs/GPUs per actor), ``segmenter`` (tile overlap, tiles per
@@ -373,6 +428,9 @@ def segment_stack(
             them at ``<run>/masks``, beside its own report.
         fallback_pixel_size_nm: pixel size (nm) of frames that neither ``data.pixel_size_nm`` nor the file
             calibrates (the pipeline's stack-wide ``pixel_size.json``); None: those frames are measured in px.
+        rough: segment with the classical, training-free segmenter of step 2 (``cfg.rough``) instead of a
+            model, at one contrast and particle scale for the whole stack: the baseline a label-free model has
+            to beat. Same outputs.
 
     Returns:
         :class:`SegmentResult`.
@@ -387,12 +445,15 @@ def segment_stack(
     from tgan_ray.runtime import init_ray
 
     start = time.monotonic()
-    images, out, model, storage = str(images), str(out), str(model), cfg.storage
+    if rough == (model is not None):
+        raise ScaleOutError("segment with a model or with the rough segmenter (--rough), not both or neither")
+    images, out, storage = str(images), str(out), cfg.storage
+    model = None if model is None else str(model)
     if st.is_s3(out):
         out = out.rstrip("/")
     masks_dir = st.join(out, "masks") if masks_dir is None else str(masks_dir).rstrip("/")
     for uri in (images, model):
-        if st.is_s3(uri):
+        if uri is not None and st.is_s3(uri):
             st.check_access(uri, storage)
     st.check_access(out, storage)
     st.check_access(masks_dir, storage)
@@ -404,12 +465,17 @@ def segment_stack(
         masks = []
     done = {Path(m.replace("\\", "/").rsplit("/", 1)[-1]).stem for m in masks} & set(stems.values())
 
-    model_bytes = read_model(model, storage, "segmenter checkpoint")
-    data_cfg = _model_data_cfg(model_bytes, model, cfg)
+    if rough:
+        rough_settings, model_bytes, data_cfg = rough_stack_settings(uris, cfg), None, cfg.data
+        segmenter = {"rough": rough_settings}
+    else:
+        rough_settings, model_bytes = None, read_model(model, storage, "segmenter checkpoint")
+        data_cfg = _model_data_cfg(model_bytes, model, cfg)
+        segmenter = {"model_sha256": hashlib.sha256(model_bytes).hexdigest()}
     # Masks found in out are reused: they must come from this model at these settings.
     d, sg = data_cfg, cfg.segmenter
     settings = {
-        "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
+        **segmenter,
         "image_size": d.image_size,
         "resize_mode": d.resize_mode,
         "scale": d.scale,
@@ -417,12 +483,14 @@ def segment_stack(
         "norm_high_percentile": d.norm_high_percentile,
         "tile_overlap": sg.tile_overlap,
     }
-    sources = {"model": model, "images": images, "masks": masks_dir}
+    sources = {"model": model or "rough", "images": images, "masks": masks_dir}
     check_settings(out, settings, sources, storage, "segment.json")
 
     ray = init_ray(cfg.ray)
-    pool = actor_pool_options(cfg, free_cpus=IO_TASK_CPUS)
-    model_ref = ray.put(model_bytes)
+    # The classical segmenter is numpy and scipy: its actors take CPUs only.
+    pool_cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"use_gpu": "no"})}) if rough else cfg
+    pool = actor_pool_options(pool_cfg, free_cpus=IO_TASK_CPUS)
+    model_ref = None if model_bytes is None else ray.put(model_bytes)
     del model_bytes
     s3 = st.is_s3(images)
     # pyarrow wants bucket/key paths with an S3 filesystem; actors rebuild the URIs with the scheme.
@@ -442,13 +510,14 @@ def segment_stack(
             "model_ref": [model_ref],
             "data_cfg": data_cfg,
             "seg_cfg": cfg.segmenter,
-            "device": device_for(cfg),
+            "device": device_for(pool_cfg),
             "masks_dir": masks_dir,
             "storage": storage,
             "scheme": uris[0].split("://", 1)[0] if s3 else None,
             "stems": renamed,
             "done": done,
             "fallback_pixel_size_nm": fallback_pixel_size_nm,
+            "rough": rough_settings,
         },
         **pool,
     )

@@ -35,6 +35,7 @@ _SCALE_GRID_PX = 512  # long side of the copy searched for blobs: keeps 2048^2 f
 _SIGNIFICANT_Z = 4.0  # a blob counts when its LoG response is 4x the local RMS of responses at its scale
 _MIN_RESPONSE = 0.02  # ... and its contrast is at least 2% of the robust intensity range
 _WORK_RADIUS_PX = 6.0  # segmentation runs on a copy shrunk until particles are about this radius
+_MAX_SIGMA_DIVISOR = 10  # largest blob scale searched: sigma = frame side / 10
 
 
 class NoParticlesError(ValueError):
@@ -101,8 +102,10 @@ def _scan(
     """
     f = max(1, int(np.ceil(max(x.shape) / max_side)))
     grid = _shrink(x, f)
-    top = max(2.0, max(grid.shape) / 25) if max_sigma is None else max(2.0, max_sigma / f)
-    sigmas = np.geomspace(1.0, top, 16 if max_sigma is None else 8)
+    # Radii up to about a seventh of the frame's side (sqrt(2) sigma): a 512 px BF-TEM frame can hold particles
+    # 60 px across, and a range that stops short of them reports the largest scale it has, or noise.
+    top = max(2.0, max(grid.shape) / _MAX_SIGMA_DIVISOR) if max_sigma is None else max(2.0, max_sigma / f)
+    sigmas = np.geomspace(1.0, top, 20 if max_sigma is None else 8)
     maps = [_log_significance(grid, s) for s in sigmas]
     out = {"bright": _scale_maxima(maps, sigmas, f, 1.0)}
     if dark:
@@ -187,6 +190,17 @@ def _pick_contrast(x: np.ndarray, scans: dict) -> Contrast:
     return "bright" if score >= 0 else "dark"
 
 
+def _distinct(radii: Sequence[float], tolerance: float = 0.2) -> list[float]:
+    """The radii with near-duplicates (within ``tolerance``, relative) merged into their median."""
+    groups: list[list[float]] = []
+    for r in sorted(radii):
+        if groups and r <= groups[-1][0] * (1 + tolerance):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return [float(np.median(g)) for g in groups]
+
+
 def _cut_touching(labels: np.ndarray) -> np.ndarray:
     """Boolean mask with a 1-px gap wherever two labels touch, so a saved 0/1 mask keeps them apart."""
     return (labels > 0) & ~(ndi.maximum_filter(labels, size=3) > labels)
@@ -257,18 +271,24 @@ class ClassicalSegmenter:
 
     # -- segmentation --------------------------------------------------------------------------------------------
     def segment(
-        self, image: np.ndarray, radius: float | None = None, contrast: str | None = None
+        self,
+        image: np.ndarray,
+        radius: float | Sequence[float] | None = None,
+        contrast: str | None = None,
     ) -> np.ndarray:
         """Boolean particle mask, touching particles kept 1 px apart.
 
         Args:
             image: Frame (H, W), any intensity range.
-            radius: Particle radius in px; None estimates it (:meth:`estimate_scale`).
+            radius: Particle radius in px; candidate radii (a stack's, :meth:`stack_radii`), of which the frame
+                takes the best (:meth:`pick_radius`); None estimates it (:meth:`estimate_scale`).
             contrast: Overrides ``particle_contrast``.
 
         Shape:
             (H, W) -> (H, W) bool.
         """
+        if isinstance(radius, (list, tuple, np.ndarray)):
+            return _cut_touching(self.pick_radius(image, radius, contrast)[1])
         return _cut_touching(self.label(image, radius, contrast))
 
     def label(
@@ -288,27 +308,63 @@ class ClassicalSegmenter:
             labels = _upsample_labels(labels, score, x.shape, factor)
         return labels.astype(np.int32)
 
+    def stack_radii(self, images: Sequence[np.ndarray]) -> tuple[Contrast, list[float]]:
+        """The stack's particle contrast (the frames' majority) and its candidate particle radii (px).
+
+        The candidates are the frames' own blob-scan estimates, near-duplicates merged. Frames of one session
+        mostly agree; a noisy or crowded frame's scan can lock onto noise, and a stack gathered from several
+        magnifications holds several true scales: :meth:`pick_radius` then chooses per frame.
+        """
+        if not len(images):
+            raise ValueError("stack_radii needs at least one image")
+        analysed = [self._analyse(image, None, None)[1:] for image in images]
+        contrasts = [c for c, _ in analysed]
+        contrast = max(("bright", "dark"), key=contrasts.count)
+        if self.particle_contrast == "auto":
+            # frames that voted the other way were measured with the wrong polarity: measure them again
+            analysed = [
+                a if a[0] == contrast else (contrast, self.estimate_scale(im, contrast))
+                for im, a in zip(images, analysed, strict=True)
+            ]
+        return contrast, _distinct([r for _, r in analysed])
+
+    def pick_radius(
+        self, image: np.ndarray, radii: Sequence[float], contrast: str | None = None
+    ) -> tuple[float, np.ndarray]:
+        """The candidate radius at which this frame shows the most plausible particles of about that size.
+
+        A wrong scale finds few particles: too small, the top-hat cuts real particles away and the plausibility
+        tests reject the noise that is left; too large, neighbours merge and small particles blur away.
+
+        Returns:
+            (radius, labels of the frame segmented at it).
+        """
+        best = None
+        for r in radii:
+            labels = self.label(image, r, contrast)
+            area = np.bincount(labels.ravel())[1:]
+            own = np.sqrt(area[area > 0] / np.pi)
+            count = int(np.sum((own > 0.5 * r) & (own < 2 * r)))
+            if best is None or count > best[0]:
+                best = (count, float(r), labels)
+        return best[1], best[2]
+
     def segment_stack(
         self, images: Sequence[np.ndarray], per: Literal["stack", "image"] = "stack"
     ) -> list[np.ndarray]:
-        """Segment a stack; by default one contrast and one particle scale for the whole stack.
+        """Segment a stack: one contrast for the stack, each frame at the best of the stack's radii.
 
-        A stack comes from one session at one magnification, so ``per="stack"`` uses the majority contrast and
-        the median of the per-image radii: one image whose estimate fails (few particles, a dirty frame) does
-        not get its own, wrong, scale. ``per="image"`` estimates both per image (mixed magnifications).
+        ``per="image"`` estimates contrast and radius from each image alone.
 
         Returns:
             One bool mask per image.
         """
         if per not in ("stack", "image"):
             raise ValueError(f"per={per!r}; choose stack or image")
-        analysed = [self._analyse(image, None, None)[1:] for image in images]
-        if per == "image" or not analysed:
-            return [self.segment(im, r, c) for im, (c, r) in zip(images, analysed, strict=True)]
-        contrasts = [c for c, _ in analysed]
-        contrast = max(("bright", "dark"), key=contrasts.count)
-        radius = float(np.median([r for _, r in analysed]))
-        return [self.segment(im, radius, contrast) for im in images]
+        if per == "image" or not len(images):
+            return [self.segment(im) for im in images]
+        contrast, radii = self.stack_radii(images)
+        return [self.segment(im, radii, contrast) for im in images]
 
     def _threshold(self, score: np.ndarray) -> float:
         # Otsu splits particles from support; confidence 0.5 keeps it, 1 raises it by 40%. The floor keeps a
