@@ -38,7 +38,17 @@ def test_quick_preset_is_small_and_yaml_round_trips(tmp_path):
     assert cfg.data.image_size == 64 and cfg.segmenter.epochs <= 20
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config("paper", tmp_path / "c.yaml") == cfg
-    assert set(PRESETS) == {"paper", "quick"}
+    assert set(PRESETS) == {"paper", "quick", "cpu"}
+
+
+def test_cpu_preset_sits_between_quick_and_paper():
+    quick, cpu, paper = (load_config(p) for p in ("quick", "cpu", "paper"))
+    assert quick.data.image_size < cpu.data.image_size < paper.data.image_size
+    steps = [c.pix2pix.steps_per_epoch * (c.pix2pix.epochs + c.pix2pix.epochs_decay) for c in (quick, cpu)]
+    assert steps[0] < steps[1]
+    assert (
+        cpu.segmenter.real_fraction > 0 and paper.segmenter.real_fraction == 0
+    )  # the paper: virtual pairs only
 
 
 def test_file_and_dotted_overrides_win(tmp_path):

@@ -97,9 +97,22 @@ def test_every_artefact_is_written(finished_run):
         "round1/virtual",
         "round1/segmenter",
         "segment",
+        "selfcheck",
         "report",
     ):
         assert steps[step]["status"] == "done", step
+
+    # Step 2: rough masks of subset 1, pseudo-labels (0 / 127 unsure / 255) of every frame but the test split.
+    split = json.loads((out / "stack.json").read_text())
+    pseudo = sorted(p.stem for p in (out / "round1" / "pseudo").glob("*.png"))
+    assert pseudo == sorted(split["subset1"] + split["subset2"])
+    assert set(np.unique(np.asarray(Image.open(out / "round1" / "pseudo" / f"{pseudo[0]}.png")))) <= {
+        0,
+        127,
+        255,
+    }
+    settings = steps["round1/rough"]["outputs"]["settings"]
+    assert settings["contrast"] == "bright" and settings["radii"]
 
     # Steps 4 and 6 ran through Ray Data's generate_dataset: two sets of 24 pairs with their Parquet manifests.
     round1 = out / "round1"
@@ -150,10 +163,18 @@ def test_every_artefact_is_written(finished_run):
     assert (table["unit"] == "nm").all()  # pixel size from the stack's pixel_size.json
     summary = json.loads((out / "summary.json").read_text())
     assert summary["count"] == int((~table["touches_border"]).sum())
+    # The self-check: step 2's particles, agreement with the rough segmenter on held-out frames, uncertainty.
+    check = summary["self_check"]
+    assert check["verdict"] in ("ok", "check") and (check["warning"] is None) == (check["verdict"] == "ok")
+    assert check["frames"] == split["test"] and check["agreement"]["confident"] > 0
+    assert check["step2"]["particles_per_frame"] > 0 and check["realism"]["source"] in ("gen1", "gen2")
+    assert table["image_uncertainty"].between(0, 1).all()
+    assert images["uncertainty"].between(0, 1).all()
     assert len(table) == len(pd.read_parquet(out / "segment" / "particles.parquet"))
     assert json.loads((out / "segment" / "summary.json").read_text())["stack"]["count"] == summary["count"]
     html = (out / "report.html").read_text()
     assert "data:image/png;base64" in html and "http://" not in html and "https://" not in html
+    assert "Self-check" in html and "Frames to check by eye first" in html
     assert finished_run["result"].report == out / "report.html"
 
     from mlflow.tracking import MlflowClient

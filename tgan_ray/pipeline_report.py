@@ -36,8 +36,14 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
         pipe.log(
             "   warning: some images have a pixel size and some do not; give --pixel-size-nm to report all in nm"
         )
+    images = pd.read_parquet(masks["images_table"]).set_index("image")
+    if "uncertainty" in images:  # the frames to check by eye: each particle carries its frame's uncertainty
+        df["image_uncertainty"] = df["image"].map(images["uncertainty"]).round(4)
     write_particles_csv(df, run_dir / "particles.csv")
     summary = psd_summary(df, images=[f["stem"] for f in stack["frames"]])
+    check = pipe.manifest.outputs("selfcheck") if pipe.manifest.done("selfcheck") else None
+    if check:
+        summary["self_check"] = check
     write_summary(summary, run_dir / "summary.json")
 
     figures = {
@@ -71,6 +77,7 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
         summary,
         figures,
         tables={
+            **_self_check_tables(check, images),
             "Particles per image": per_image,
             "Steps": pd.DataFrame(stage_rows),
             "Sampled masks vs morphology prior (KS distance, lower is closer)": pd.DataFrame(
@@ -91,6 +98,32 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
         pipe.tracker.log_artifact(path, "report")
     pipe.log(f"   {summary.get('count')} particles; report: {report}")
     return {"report": str(report), "summary": summary, "csv": str(run_dir / "particles.csv")}
+
+
+def _self_check_tables(check: dict | None, images: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The self-check's verdict and signals, and the frames ordered by the segmenter's uncertainty."""
+    tables = {}
+    if check:
+        step2, agree = check.get("step2", {}), check.get("agreement", {})
+        rows = [
+            ("verdict", check.get("verdict")),
+            ("warning", check.get("warning") or "none"),
+            ("step 2: particles per frame", step2.get("particles_per_frame")),
+            ("step 2: median diameter, working px", step2.get("median_diameter_px")),
+            ("step 2: blob diameter of the stack, working px", step2.get("expected_diameter_px")),
+            ("step 2: contrast / pixel noise", step2.get("contrast_to_noise")),
+            ("rough's confident particles found by NPsSegNet", agree.get("recall")),
+            ("confident particles checked (held-out frames)", agree.get("confident")),
+            ("virtual data used", (check.get("realism") or {}).get("source")),
+            ("KID of the virtual data vs real crops", (check.get("realism") or {}).get("kid")),
+        ]
+        tables["Self-check"] = pd.DataFrame(rows, columns=["signal", "value"]).astype({"value": str})
+    if "uncertainty" in images and images["uncertainty"].notna().any():
+        order = images["uncertainty"].sort_values(ascending=False)
+        tables["Frames to check by eye first (share of marked pixels the segmenter is unsure of)"] = (
+            pd.DataFrame({"image": order.index, "uncertainty": order.to_numpy()})
+        )
+    return tables
 
 
 def _stack_particles(table: str, stems: list[str], columns) -> pd.DataFrame:

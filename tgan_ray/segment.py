@@ -49,7 +49,7 @@ from tgan_ray.io import storage as st
 STATUS_SEGMENTED, STATUS_REUSED, STATUS_ERROR = "segmented", "reused", "error"
 IMAGE_COLUMNS = (
     "image", "source", "status", "reason", "mask", "pixel_size_nm", "unit", "height", "width",
-    "particle_count", "border_count",
+    "particle_count", "border_count", "uncertainty",
 )  # fmt: skip
 
 
@@ -113,13 +113,14 @@ def _error_row(stem: str, uri: str, reason: str) -> dict[str, Any]:
         "width": 0,
         "particle_count": 0,
         "border_count": 0,
+        "uncertainty": np.nan,
         "particles": b"",
         "summary": "",
     }
 
 
 # Numeric columns keep a numeric dtype through Arrow; strings and bytes travel as object arrays.
-_ROW_DTYPES = {"pixel_size_nm": np.float64} | dict.fromkeys(
+_ROW_DTYPES = {"pixel_size_nm": np.float64, "uncertainty": np.float64} | dict.fromkeys(
     ("height", "width", "particle_count", "border_count"), np.int64
 )
 
@@ -169,14 +170,15 @@ class SegmentActor:
         fallback_pixel_size_nm: float | None = None,
         rough: dict[str, Any] | None = None,
     ):
+        self.segmenter = None
         if rough is not None:
-            self.segment = rough_segment_fn(rough)
+            self.rough = rough_segment_fn(rough)
         else:
             from tgan_ray.inference import Segmenter
 
             path = local_copy(model_ref[0], ".pt")
             try:
-                self.segment = Segmenter(path, data_cfg, seg_cfg, device).segment
+                self.segmenter = Segmenter(path, data_cfg, seg_cfg, device)
             finally:
                 os.unlink(path)
         self.data_cfg, self.masks_dir, self.storage = data_cfg, masks_dir, storage
@@ -192,6 +194,15 @@ class SegmentActor:
             return None
         return mask if mask.shape == shape else None
 
+    def _segment(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """-> (mask, the network's uncertainty on it; NaN for the classical segmenter)."""
+        from tgan_ray.analysis.selfcheck import uncertainty
+
+        if self.segmenter is None:
+            return self.rough(image), np.nan
+        probability = self.segmenter.probability(image)
+        return self.segmenter.to_mask(probability), uncertainty(probability)
+
     def _one(self, data: bytes, uri: str) -> dict[str, Any]:
         from tgan_ray.analysis import measure_particles, psd_summary
         from tgan_ray.io import decode_image, normalize_intensity, write_mask_png
@@ -205,7 +216,7 @@ class SegmentActor:
             if mask is None:
                 d = self.data_cfg
                 image = normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile)
-                mask = self.segment(image)
+                mask, row["uncertainty"] = self._segment(image)
                 write_mask_png(mask_uri, mask, self.storage)
                 row["status"] = STATUS_SEGMENTED
             else:

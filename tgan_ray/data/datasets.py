@@ -240,10 +240,14 @@ class PairedDataset(_PairedBase):
 
 
 class SegmentationDataset(_PairedBase):
-    """(image, label) pairs for NPsSegNet. Arguments as :class:`PairedDataset`.
+    """(image, label) pairs for NPsSegNet. Arguments as :class:`PairedDataset`, and:
+
+    Args:
+        ignore_label: Mask value kept as is, not read as a particle: pixels the loss leaves out (pseudo-labels
+            of real frames, ``masks/pseudo.py``). None: every value > 0 is a particle.
 
     Returns (per item):
-        (image, label): image (1, S, S) float32 in [0, 1]; label (S, S) int64 in {0, 1}.
+        (image, label): image (1, S, S) float32 in [0, 1]; label (S, S) int64 in {0, 1} (or ``ignore_label``).
     """
 
     def __init__(
@@ -256,8 +260,17 @@ class SegmentationDataset(_PairedBase):
         fit: Fit = "crop",
         seed: int | None = None,
         loader: Loader | None = None,
+        ignore_label: int | None = None,
     ) -> None:
         super().__init__(images, masks, transform, size, train, fit, seed, loader)
+        self.ignore_label = ignore_label
+
+    def _load_mask(self, source: ImageSource, index: int) -> np.ndarray:
+        mask = super()._load_mask(source, index)
+        if self.ignore_label is not None:
+            raw = source if isinstance(source, np.ndarray) else self.loader(source)
+            mask[np.asarray(raw) == self.ignore_label] = self.ignore_label
+        return mask
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self._pair(index)

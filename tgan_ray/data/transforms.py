@@ -96,18 +96,19 @@ def segmenter_transform(noise_std: float | None = None, p: float = 0.5, seed: in
     Args:
         noise_std: Pixel noise std (fraction of [0, 1]) to add; each item draws from [0.75, 1.5] x this, with
             probability 0.9 (added noise is uncorrelated, so it hides particles less than the real, rescaled
-            noise of the same std: the range leans high). None: the paper's GaussNoise.
+            noise of the same std: the range leans high). None: the paper's GaussNoise. 0: no added noise (real frames have their own).
         p: Probability of each geometric step (paper: 0.5).
         seed: Seed of the pipeline's own random generator (None: random).
 
     Returns:
         Pipeline called as ``aug(image=float32 HxW, mask=uint8 HxW)``.
     """
-    noise = (
-        A.GaussNoise(std_range=(0.75 * noise_std, 1.5 * noise_std), mean_range=(0.0, 0.0), p=0.9)
-        if noise_std
-        else A.GaussNoise(std_range=NOISE_STD_RANGE, mean_range=(0.0, 0.0), p=p)
-    )
+    if noise_std is None:
+        noise = A.GaussNoise(std_range=NOISE_STD_RANGE, mean_range=(0.0, 0.0), p=p)
+    elif noise_std > 0:
+        noise = A.GaussNoise(std_range=(0.75 * noise_std, 1.5 * noise_std), mean_range=(0.0, 0.0), p=0.9)
+    else:
+        noise = A.NoOp()
     pipeline = A.Compose(
         [
             paper_flip(p),

@@ -66,9 +66,10 @@ def random_crops(
         j = k % len(images)
         img = _pad_to(images[j], size)
         m = _pad_to(masks[j].astype(np.uint8), size) if masks is not None else None
-        if m is not None and k < positive_fraction * n_total and m.any():
-            # Draw around a random particle pixel: any crop position that still contains it.
-            ys, xs = np.nonzero(m)
+        if m is not None and k < positive_fraction * n_total and (m == 1).any():
+            # Draw around a random particle pixel (1; a pseudo-label's unsure pixels are not particles): any
+            # crop position that still contains it.
+            ys, xs = np.nonzero(m == 1)
             p = rng.integers(len(ys))
             y = rng.integers(max(0, ys[p] - size + 1), min(ys[p], img.shape[0] - size) + 1)
             x = rng.integers(max(0, xs[p] - size + 1), min(xs[p], img.shape[1] - size) + 1)

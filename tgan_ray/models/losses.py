@@ -59,15 +59,18 @@ class SegmentationLoss(nn.Module):
     Args:
         focal_alpha: Focal-loss alpha (paper: 0.25).
         focal_gamma: Focal-loss focusing power.
+        ignore_index: Target value left out of both losses (unsure pixels of pseudo-labels); None: none.
 
     Shape:
         logits (N, C, H, W) float, target (N, H, W) or (N, 1, H, W) class indices -> scalar.
     """
 
-    def __init__(self, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+    def __init__(self, focal_alpha: float = 0.25, focal_gamma: float = 2.0, ignore_index: int | None = None):
         super().__init__()
-        self.focal = FocalLoss(mode="multiclass", alpha=focal_alpha, gamma=focal_gamma)
-        self.jaccard = JaccardLoss(mode="multiclass", from_logits=True)
+        self.focal = FocalLoss(
+            mode="multiclass", alpha=focal_alpha, gamma=focal_gamma, ignore_index=ignore_index
+        )
+        self.jaccard = JaccardLoss(mode="multiclass", from_logits=True, ignore_index=ignore_index)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Averaged focal and Jaccard losses.

@@ -7,7 +7,8 @@ Data arrive as numpy arrays (through the object store), already at the training 
 - pix2pix:   ``train_masks``/``train_images`` (subset 1 rough masks and images), ``val_masks``/``val_images``.
 - cyclegan:  ``train_a`` (1st generation) and ``train_b`` (real subset 2), ``val_a``/``val_b``.
 - segmenter: ``train_images``/``train_masks`` (virtual dataset), ``val_images``/``val_masks``; optional
-  ``noise_std``, the pixel noise the virtual images lack compared with the real stack (for ``augment="em"``).
+  ``noise_std``, the pixel noise the virtual images lack compared with the real stack (for ``augment="em"``);
+  optional ``real_images``/``real_labels``, real crops with pseudo-labels (0, 1, 255 = left out of the loss).
 Images are float32 in [0, 1] (N x H x W); masks are uint8 {0, 1}.
 """
 
@@ -175,8 +176,11 @@ class SegmenterStage(Stage):
     mode = "max"
 
     def __init__(self, name: str, cfg: dict, data: dict[str, np.ndarray], ctx: WorkerContext, extractor: str):
+        from torch.utils.data import ConcatDataset
+
         from tgan_ray.data.datasets import SegmentationDataset
         from tgan_ray.data.transforms import segmenter_transform, test_transform, train_transform
+        from tgan_ray.masks.pseudo import IGNORE
         from tgan_ray.models.losses import SegmentationLoss
         from tgan_ray.models.npssegnet import create_segmenter
 
@@ -186,7 +190,7 @@ class SegmenterStage(Stage):
         extra = {"decoder_channels": self.cfg.decoder_channels} if self.cfg.decoder_channels else {}
         net = create_segmenter(self.cfg.arch, self.cfg.encoder, self.cfg.encoder_weights, **extra)
         self.net = prepare_network(net, ctx)
-        self.loss_fn = SegmentationLoss(self.cfg.focal_alpha)
+        self.loss_fn = SegmentationLoss(self.cfg.focal_alpha, ignore_index=IGNORE)
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
         )
@@ -196,6 +200,15 @@ class SegmenterStage(Stage):
         train = SegmentationDataset(
             list(data["train_images"]), list(data["train_masks"]), transform=transform
         )
+        if len(data.get("real_images", ())):
+            # Real crops with pseudo-labels (masks/pseudo.py): their own noise, and unsure pixels left out.
+            real = SegmentationDataset(
+                list(data["real_images"]),
+                list(data["real_labels"]),
+                transform=segmenter_transform(0.0) if self.cfg.augment == "em" else train_transform(),
+                ignore_label=IGNORE,
+            )
+            train = ConcatDataset([train, real])
         self.loader = build_loader(train, self.cfg.batch_size, ctx, self.cfg.steps_per_epoch)
         self.val = SegmentationDataset(
             list(data["val_images"]), list(data["val_masks"]), transform=test_transform(), train=False

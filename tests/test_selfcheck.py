@@ -1,0 +1,74 @@
+"""The run's self-check, on synthetic stacks built to pass and to fail (the exact masks are known)."""
+
+import numpy as np
+import pytest
+from skimage.measure import label
+
+from tgan_ray.analysis import selfcheck
+from tgan_ray.data.synthetic import SynthConfig, make_image
+from tgan_ray.masks import ClassicalSegmenter
+
+
+@pytest.fixture(scope="module")
+def stack():
+    cfg = SynthConfig(modality="haadf", size=192, pixel_size_nm=0.5, mean_diameter_nm=6.0, snr=6.0)
+    frames = [make_image(cfg, rng=seed) for seed in range(4)]
+    images = [f[0] for f in frames]
+    truth = [f[1] for f in frames]
+    rough = ClassicalSegmenter("bright")
+    contrast, radii = rough.stack_radii(images)
+    confident = [rough.segment(im, radii, contrast) for im in images]
+    return {"images": images, "truth": truth, "confident": confident, "diameter": 2 * float(np.median(radii))}
+
+
+def _drop_half(mask):
+    labels = label(mask)
+    return mask & (labels % 2 == 0)
+
+
+def test_masks_that_find_the_rough_particles_pass(stack):
+    plausibility = selfcheck.rough_plausibility(stack["images"], stack["confident"], stack["diameter"])
+    agreement = selfcheck.confident_recall(stack["truth"], stack["confident"])
+    check = selfcheck.verdict(plausibility, agreement)
+    assert plausibility["ok"], plausibility["reasons"]
+    assert agreement["confident"] > 10 and agreement["recall"] > 0.9
+    assert check["verdict"] == "ok" and check["warning"] is None
+
+
+def test_masks_that_miss_the_rough_particles_warn(stack):
+    plausibility = selfcheck.rough_plausibility(stack["images"], stack["confident"], stack["diameter"])
+    for worse in ([_drop_half(m) for m in stack["truth"]], [np.zeros_like(m) for m in stack["truth"]]):
+        check = selfcheck.verdict(plausibility, selfcheck.confident_recall(worse, stack["confident"]))
+        assert check["verdict"] == "check"
+        assert "miss" in check["warning"] and "tgan segment --rough" in check["warning"]
+        assert "\n" not in check["warning"]
+
+
+def test_a_step2_of_one_particle_or_of_support_texture_warns(stack):
+    one = [np.zeros_like(m) for m in stack["confident"]]
+    one[0] = label(stack["confident"][0]) == 1
+    check = selfcheck.rough_plausibility(stack["images"], one, stack["diameter"])
+    assert not check["ok"] and "1 particle(s) in 4 frame(s)" in check["reasons"][0]
+    # "particles" of the wrong size: blobs 4x the stack's scale
+    assert not selfcheck.rough_plausibility(stack["images"], stack["confident"], stack["diameter"] / 4)["ok"]
+    # "particles" that are support: random discs with no contrast of their own
+    texture = [np.zeros_like(m) for m in stack["truth"]]
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:192, :192]
+    for t, truth in zip(texture, stack["truth"]):
+        for _ in range(12):
+            y, x = rng.integers(10, 182, 2)
+            disc = (yy - y) ** 2 + (xx - x) ** 2 <= 16
+            if not (disc & truth).any():
+                t |= disc
+    check = selfcheck.rough_plausibility(stack["images"], texture, stack["diameter"])
+    assert not check["ok"] and any("pixel noise" in r for r in check["reasons"])
+
+
+def test_uncertainty_is_the_unsure_share_of_marked_pixels():
+    p = np.zeros((10, 10), np.float32)
+    assert selfcheck.uncertainty(p) == 0.0
+    p[:5] = 0.95
+    assert selfcheck.uncertainty(p) == 0.0
+    p[5:7] = 0.5
+    assert selfcheck.uncertainty(p) == pytest.approx(20 / 70)

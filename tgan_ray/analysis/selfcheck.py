@@ -1,0 +1,125 @@
+"""Can this run's label-free masks be trusted? A user has no labels, so the run checks itself with what it has.
+
+Signals (each recorded in ``summary.json`` under ``self_check`` and shown in the report):
+
+- **step 2's particles**: do the rough masks look like particles at all? Enough of them per frame, a size near
+  the working scale the stack was rescaled to, and a contrast against a ring of support well above the pixel
+  noise. A prior made of support texture (or of one particle) poisons every later step.
+- **agreement with the rough segmenter's confident particles**: the classical segmenter is precision-first, so
+  almost every particle it is sure of is real. Label-free masks that miss many of them are likely worse than the
+  rough masks, whatever else they find.
+- **realism of the virtual data**: KID of the images the segmenter trained on against real crops (recorded; no
+  fixed threshold means the same on every detector).
+- **per-image uncertainty**: the share of a frame's marked pixels the segmenter is unsure of (0.2 < p < 0.8);
+  the frames to check by eye come first.
+
+The verdict is ``ok`` or ``check``; with ``check``, ``warning`` is one line for the terminal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from skimage.measure import label, regionprops
+
+# A label-free run that finds fewer than this share of the rough segmenter's confident particles is flagged.
+MIN_CONFIDENT_RECALL = 0.75
+# Step 2: fewest particles per frame, size band around the working scale, least contrast-to-noise ratio.
+MIN_PARTICLES_PER_FRAME = 2.0
+SIZE_BAND = (0.5, 2.0)
+MIN_CONTRAST_TO_NOISE = 3.0
+
+
+def rough_plausibility(
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], expected_diameter_px: float | None
+) -> dict:
+    """Whether step 2's particles look like particles (images and masks at the working scale)."""
+    from tgan_ray.data.working import noise_std
+    from tgan_ray.masks.consistency import particle_contrast
+
+    counts = [int(label(m).max()) for m in masks]
+    diameters = np.concatenate(
+        [[p.equivalent_diameter_area for p in regionprops(label(m))] for m in masks] or [[]]
+    )
+    contrast = np.concatenate([np.abs(particle_contrast(i, m > 0)[0]) for i, m in zip(images, masks)] or [[]])
+    contrast = contrast[np.isfinite(contrast)]
+    noise = max(noise_std(list(images)), 1e-6)
+    out = {
+        "particles_per_frame": float(np.mean(counts)) if counts else 0.0,
+        "median_diameter_px": float(np.median(diameters)) if len(diameters) else None,
+        "expected_diameter_px": expected_diameter_px,
+        "contrast_to_noise": float(np.median(contrast) / noise) if len(contrast) else None,
+    }
+    reasons = []
+    if out["particles_per_frame"] < MIN_PARTICLES_PER_FRAME:
+        reasons.append(f"step 2 found {sum(counts)} particle(s) in {len(counts)} frame(s)")
+    if out["median_diameter_px"] and expected_diameter_px:
+        ratio = out["median_diameter_px"] / expected_diameter_px
+        if not SIZE_BAND[0] <= ratio <= SIZE_BAND[1]:
+            reasons.append(
+                f"step 2's particles are {out['median_diameter_px']:.1f} px across where the stack's blobs are "
+                f"{expected_diameter_px:.1f} px"
+            )
+    if out["contrast_to_noise"] is not None and out["contrast_to_noise"] < MIN_CONTRAST_TO_NOISE:
+        reasons.append(
+            f"step 2's particles stand out from their support by {out['contrast_to_noise']:.1f}x the pixel noise"
+            " (support texture?)"
+        )
+    return out | {"ok": not reasons, "reasons": reasons}
+
+
+def confident_recall(label_free: Sequence[np.ndarray], confident: Sequence[np.ndarray]) -> dict:
+    """Share of the rough segmenter's confident particles of which the label-free masks cover at least half."""
+    found = total = 0
+    per_image = []
+    for lf, conf in zip(label_free, confident, strict=True):
+        labels = label(conf)
+        n = int(labels.max())
+        if n:
+            covered = np.bincount(labels.ravel(), weights=lf.ravel().astype(float), minlength=n + 1)[1:]
+            area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+            hit = int(np.sum(covered >= 0.5 * area))
+        else:
+            hit = 0
+        found, total = found + hit, total + n
+        per_image.append(hit / n if n else None)
+    return {
+        "confident": total,
+        "found": found,
+        "recall": found / total if total else None,
+        "per_image": per_image,
+    }
+
+
+def uncertainty(probability: np.ndarray, low: float = 0.2, high: float = 0.8) -> float:
+    """Share of the pixels a segmenter marks at all (p > low) that it is unsure of (low < p < high)."""
+    marked = probability > low
+    if not marked.any():
+        return 0.0
+    return float(np.mean(probability[marked] < high))
+
+
+def verdict(plausibility: dict, agreement: dict, realism: dict | None = None) -> dict:
+    """``{"verdict": "ok" | "check", "warning": one line or None, ...signals}``."""
+    reasons = list(plausibility.get("reasons", []))
+    recall = agreement.get("recall")
+    if recall is not None and recall < MIN_CONFIDENT_RECALL:
+        reasons.append(
+            f"the label-free masks miss {1 - recall:.0%} of the {agreement['confident']} particles the rough "
+            "segmenter is sure of"
+        )
+    warning = None
+    if reasons:
+        warning = (
+            "self-check: the label-free masks are likely worse than the rough ones ("
+            + "; ".join(reasons)
+            + "); compare with `tgan segment --rough`"
+        )
+    return {
+        "verdict": "check" if reasons else "ok",
+        "warning": warning,
+        "step2": plausibility,
+        "agreement": {k: v for k, v in agreement.items() if k != "per_image"},
+        "realism": realism or {},
+    }
