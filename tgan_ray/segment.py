@@ -10,6 +10,8 @@ Ray Data plan (streaming: memory stays bounded whatever the stack size)::
 Output::
 
     <out>/masks/<stem>.png     mask at the frame's original resolution (0/255); ``masks_dir`` puts them elsewhere
+    <out>/masks/<stem>.tif     the same mask, and masks/labels/<stem>.tif its particles (instance labels), as
+                               ImageJ TIFFs calibrated in nm (Fiji, napari)
     <out>/particles.parquet    every particle (image = stem, source, pixel_size_nm, sizes in nm or px)
     <out>/summary.json         PSD of the whole stack, and one PSD summary per image
     <out>/segment.json         model hash and settings (a re-run into the same out must match them)
@@ -193,8 +195,9 @@ class SegmentActor:
         return mask if mask.shape == shape else None
 
     def _one(self, data: bytes, uri: str) -> dict[str, Any]:
-        from tgan_ray.analysis import measure_particles, psd_summary
+        from tgan_ray.analysis import measure_particles, psd_summary, split_touching
         from tgan_ray.io import decode_image, normalize_intensity, write_mask_png
+        from tgan_ray.io.tiff import write_mask_tiffs
 
         stem = self.stems.get(uri) or Path(uri.rsplit("/", 1)[-1]).stem
         row = _error_row(stem, uri, "")
@@ -211,7 +214,9 @@ class SegmentActor:
             else:
                 row["status"] = STATUS_REUSED
             pixel = self.data_cfg.pixel_size_nm or em.pixel_size_nm or self.fallback_pixel_size_nm
-            particles = measure_particles(mask, stem, pixel)
+            labels = split_touching(mask)
+            write_mask_tiffs(self.masks_dir, stem, mask, labels, pixel, self.storage)
+            particles = measure_particles(labels, stem, pixel)
             summary = psd_summary(particles, images=[stem])
             summary.pop("per_image", None)
         except st.StorageError:

@@ -1,4 +1,4 @@
-"""One self-contained HTML report per run, plus the particle CSV.
+"""One self-contained HTML report per run, plus the particle table (CSV and Parquet).
 
 The report embeds every figure as a base64 data URI and carries its own CSS, so it opens offline, can be
 mailed as one file and logged to MLflow as one artifact. Nothing in it points to the network.
@@ -68,6 +68,14 @@ def write_particles_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+    return path
+
+
+def write_particles_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write the particle table as Parquet (typed columns, no index), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
     return path
 
 
