@@ -305,18 +305,80 @@ def serve(
     model: Annotated[
         str, typer.Option("--model", help="NPsSegNet checkpoint: path, s3:// or models:/name/version.")
     ],
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to bind: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)."),
+    ] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="HTTP port [config: 8000].")] = None,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="Replicas of the segmenter (fixed, unless --max-replicas).")
+    ] = None,
+    max_replicas: Annotated[
+        int | None, typer.Option(min=1, help="Autoscale up to this many replicas under load.")
+    ] = None,
+    gpus_per_replica: Annotated[
+        float | None, typer.Option(min=0, help="GPUs each replica takes; 0 runs on CPU [config: 0].")
+    ] = None,
+    cpus_per_replica: Annotated[float | None, typer.Option(min=0.01, help="CPUs each replica takes.")] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Requests grouped into one forward pass [config: 8].")
+    ] = None,
     preset: Preset = "paper",
     config: ConfigFile = None,
     set_: Sets = None,
 ) -> None:
-    """Serve the segmenter over HTTP (POST /v1/segment; GET /v1/healthz, /v1/model, /docs) until Ctrl-C."""
+    """Serve the segmenter over HTTP (POST /v1/segment; GET /v1/healthz, /v1/model, /docs) until Ctrl-C.
+
+    Options not given keep the config's serve.* values (see `tgan config`); they win over --set.
+    """
     from tgan_ray.serve import serve_model
 
-    cfg = _config(preset, config, _parse_sets(set_))
+    cfg = serve_config(
+        preset,
+        config,
+        set_,
+        host,
+        port,
+        replicas,
+        max_replicas,
+        gpus_per_replica,
+        cpus_per_replica,
+        max_batch_size,
+    )
     try:
         serve_model(model, cfg, blocking=True)
     except (ValueError, *_user_errors()) as exc:
         _fail(str(exc))
+
+
+def serve_config(
+    preset: str = "paper",
+    config: Path | None = None,
+    set_: list[str] | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    replicas: int | None = None,
+    max_replicas: int | None = None,
+    gpus_per_replica: float | None = None,
+    cpus_per_replica: float | None = None,
+    max_batch_size: int | None = None,
+):
+    """The config ``tgan serve`` runs with: preset, file, --set, then its own options (those given)."""
+    overrides = _parse_sets(set_)
+    fields = {
+        "host": host,
+        "port": port,
+        "min_replicas": replicas,
+        "max_replicas": max_replicas if max_replicas is not None else replicas,
+        "gpus_per_replica": gpus_per_replica,
+        "cpus_per_replica": cpus_per_replica,
+        "max_batch_size": max_batch_size,
+    }
+    overrides.update({f"serve.{k}": v for k, v in fields.items() if v is not None})
+    cfg = _config(preset, config, overrides)
+    if cfg.serve.min_replicas > cfg.serve.max_replicas:
+        _fail(f"--replicas {cfg.serve.min_replicas} is more than --max-replicas {cfg.serve.max_replicas}")
+    return cfg
 
 
 @app.command()
