@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import typer
 from typer.main import get_command
@@ -61,3 +63,39 @@ def test_serve_help_names_the_common_options():
         "--max-batch-size",
     ):
         assert option in result.output
+
+
+@pytest.fixture(scope="module")
+def stack_with_junk(tmp_path_factory):
+    """Three synthetic HAADF frames and one file of random bytes named like a PNG."""
+    import numpy as np
+
+    from tgan_ray.data.synthetic import make_stack
+
+    images = make_stack(tmp_path_factory.mktemp("stack"), n=3, size=96, seed=3) / "images"
+    (images / "junk.png").write_bytes(np.random.default_rng(0).bytes(800))
+    return images
+
+
+def test_segment_ends_with_a_short_summary_and_json_on_request(ray_local, stack_with_junk, tmp_path):
+    args = ["segment", "--rough", "--images", str(stack_with_junk), "--out", str(tmp_path / "seg")]
+    args += ["--preset", "quick", "--set", "scale_out.cpus_per_actor=0.5", "--set", "scale_out.batch_size=2"]
+    junk = str(stack_with_junk / "junk.png")
+
+    human = CliRunner().invoke(app, args)
+    assert human.exit_code == 0, human.output
+    lines = human.stdout.strip().splitlines()
+    assert "Result(" not in human.stdout and " object at 0x" not in human.stdout
+    assert lines[0].startswith("done: 3 images segmented, 0 reused, 1 unreadable in ")
+    assert "particles, mean diameter" in lines[1] and "95% CI" in lines[1]
+    assert f"masks:     {tmp_path / 'seg' / 'masks'}" in lines[2]
+    [error] = [line for line in lines if line.startswith(f"  {junk}: ")]  # errors listed by file
+    assert "PNG" in error and len(lines) <= 10
+
+    machine = CliRunner().invoke(app, [*args, "--json"])  # the same out again: every mask is reused
+    assert machine.exit_code == 0, machine.output
+    result = json.loads(machine.stdout)
+    assert (result["segmented"], result["reused"]) == (0, 3)
+    assert [source for source, _ in result["errors"]] == [junk]
+    assert result["summary"]["count"] > 0 and result["summary"]["intervals"]["mean"]["low"] > 0
+    assert result["summary_json"] == str(tmp_path / "seg" / "summary.json")

@@ -462,3 +462,27 @@ def test_label_tiff_beyond_uint16_stays_exact():
     labels = np.arange(70_000 * 2, dtype=np.int64).reshape(200, 700) // 2
     stored = tifffile.imread(io.BytesIO(tiff_bytes(label_image(labels), 1.0)))
     np.testing.assert_array_equal(stored.astype(np.int64), labels)
+
+
+@pytest.mark.parametrize("name", ["junk.png", "junk.jpg", "junk.tif", "junk.dm4"])
+def test_random_bytes_error_has_no_object_address(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(np.random.default_rng(5).bytes(3000))
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    message = str(err.value)
+    assert str(path) in message and " at 0x" not in message and "<_io" not in message, message
+    if name == "junk.png":  # Pillow's own text, less the buffer it was reading from
+        assert message.endswith("(UnidentifiedImageError: cannot identify image file)")
+
+
+def test_without_addresses_drops_reprs_and_keeps_the_words():
+    from tgan_ray.messages import without_addresses
+
+    text = (
+        "Connection failed: <urllib3.connection.HTTPConnection object at 0x7f3a2c1d9e50>: Failed to "
+        "establish a new connection; callback <function on_done at 0x10ab> gone; keep <not a repr>"
+    )
+    assert without_addresses(text) == (
+        "Connection failed: Failed to establish a new connection; callback gone; keep <not a repr>"
+    )

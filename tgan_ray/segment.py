@@ -86,7 +86,9 @@ class SegmentResult:
 
 
 def _one_line(text: object, limit: int = 300) -> str:
-    flat = " ".join(str(text).split())
+    from tgan_ray.messages import without_addresses
+
+    flat = " ".join(without_addresses(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 

@@ -121,11 +121,12 @@ def psd_summary(
     }
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars made Python numbers and NaN / inf made None, recursively."""
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -137,5 +138,5 @@ def write_summary(summary: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a summary as indented JSON, atomically; NaN / inf become null so any JSON reader accepts it."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     return path
