@@ -99,3 +99,27 @@ def test_segment_ends_with_a_short_summary_and_json_on_request(ray_local, stack_
     assert [source for source, _ in result["errors"]] == [junk]
     assert result["summary"]["count"] > 0 and result["summary"]["intervals"]["mean"]["low"] > 0
     assert result["summary_json"] == str(tmp_path / "seg" / "summary.json")
+
+
+def test_generate_and_run_endings_are_lines_and_json_not_reprs(tmp_path):
+    from tgan_ray.cli_summary import generate_lines, run_dict, run_lines, to_json
+    from tgan_ray.generate import GenerateResult
+    from tgan_ray.pipeline import PipelineResult
+
+    gen = GenerateResult(out="s3://b/virtual", manifest="s3://b/virtual/manifest.parquet", count=100,
+                         generated=60, reused=40, seconds=12.0)  # fmt: skip
+    lines = generate_lines(gen)
+    assert lines[0] == "done: 100 (image, mask) pairs: 60 generated, 40 reused, in 12 s (5.0 pairs/s)"
+    assert "manifest: s3://b/virtual/manifest.parquet" in lines and "GenerateResult(" not in "\n".join(lines)
+    assert json.loads(to_json(gen.to_dict()))["generated"] == 60
+
+    summary = {"count": 42, "unit": "nm", "mean": 5.04, "sd": float("nan"), "d10": 4.0, "d50": 5.0, "d90": 6.1,
+               "intervals": {"level": 0.95, "mean": {"low": 4.8, "high": 5.3}}}  # fmt: skip
+    run = PipelineResult(tmp_path, summary, tmp_path / "report.html", tmp_path / "round1" / "npssegnet.pt")
+    lines = run_lines(run)
+    assert lines[0] == "done: 42 particles, mean diameter 5.04 nm (95% CI 4.8-5.3), d10/d50/d90 4/5/6.1 nm"
+    assert f"report:    {tmp_path / 'report.html'}" in lines and "PosixPath(" not in "\n".join(lines)
+    payload = json.loads(to_json(run_dict(run)))  # NaN becomes null: strict JSON
+    assert payload["summary"]["sd"] is None and payload["particles_parquet"] == str(
+        tmp_path / "particles.parquet"
+    )

@@ -67,8 +67,9 @@ def _get(client, bucket, key) -> bytes:
 
 
 def _mask_times(client, bucket) -> dict[str, object]:
+    """The mask PNGs (the TIFF copies are rewritten on each run, so their calibration follows the config)."""
     objects = client.list_objects_v2(Bucket=bucket, Prefix="seg/masks/").get("Contents", [])
-    return {o["Key"]: (o["LastModified"], o["ETag"]) for o in objects}
+    return {o["Key"]: (o["LastModified"], o["ETag"]) for o in objects if o["Key"].endswith(".png")}
 
 
 def test_segment_s3_stack_with_corrupt_object_then_rerun(ray_s3, s3_bucket, segmenter_path, stack_dir):
@@ -88,6 +89,11 @@ def test_segment_s3_stack_with_corrupt_object_then_rerun(ray_s3, s3_bucket, segm
         mask = np.asarray(Image.open(io.BytesIO(_get(client, bucket, f"seg/masks/{stem}.png"))))
         assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 255}
     assert "seg/masks/x.png" not in _mask_times(client, bucket)
+    import tifffile
+
+    for stem in stems:  # the TIFF copies beside the PNGs on S3 too; PNGs carry no pixel size, nor do they
+        labels = tifffile.TiffFile(io.BytesIO(_get(client, bucket, f"seg/masks/labels/{stem}.tif")))
+        assert labels.asarray().shape == (SIZE, SIZE) and "unit" not in (labels.imagej_metadata or {})
 
     images = pd.read_parquet(io.BytesIO(_get(client, bucket, "seg/images.parquet")))
     assert len(images) == N_IMAGES + 1

@@ -204,7 +204,8 @@ class _Session:
         )
 
     def write_summary(self) -> dict[str, Any]:
-        """Rewrite running_summary.json and psd.png from every particle so far."""
+        """Rewrite running_summary.json, psd.png, mean_diameter.png and particles.parquet from every particle
+        so far."""
         from tgan_ray.analysis import plot_psd, psd_summary, write_particles_parquet, write_summary
         from tgan_ray.analysis.plots import plot_mean_series
 
