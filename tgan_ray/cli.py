@@ -298,7 +298,7 @@ def segment(
     set_: Sets = None,
     as_json: AsJson = False,
 ) -> None:
-    """Segment a whole stack with Ray Data: masks, particles.parquet, images.parquet and summary.json."""
+    """Segment a whole stack with Ray Data: masks (PNG, and TIFF in nm), particles.parquet, images.parquet, summary.json."""
     from tgan_ray.cli_summary import segment_lines
     from tgan_ray.model_uri import resolve_model_uri
     from tgan_ray.segment import segment_stack
@@ -326,7 +326,9 @@ def serve(
         str | None,
         typer.Option(help="Address to bind: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)."),
     ] = None,
-    port: Annotated[int | None, typer.Option(min=1, max=65535, help="HTTP port [config: 8000].")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="HTTP port (config default: 8000).")
+    ] = None,
     replicas: Annotated[
         int | None, typer.Option(min=1, help="Replicas of the segmenter (fixed, unless --max-replicas).")
     ] = None,
@@ -334,11 +336,11 @@ def serve(
         int | None, typer.Option(min=1, help="Autoscale up to this many replicas under load.")
     ] = None,
     gpus_per_replica: Annotated[
-        float | None, typer.Option(min=0, help="GPUs each replica takes; 0 runs on CPU [config: 0].")
+        float | None, typer.Option(min=0, help="GPUs each replica takes; 0 runs on CPU (config default: 0).")
     ] = None,
     cpus_per_replica: Annotated[float | None, typer.Option(min=0.01, help="CPUs each replica takes.")] = None,
     max_batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Requests grouped into one forward pass [config: 8].")
+        int | None, typer.Option(min=1, help="Requests grouped into one forward pass (config default: 8).")
     ] = None,
     preset: Preset = "paper",
     config: ConfigFile = None,
