@@ -19,6 +19,7 @@ from tgan_ray.analysis import (
     psd_summary,
     split_touching,
     write_particles_csv,
+    write_particles_parquet,
     write_report,
     write_summary,
 )
@@ -218,7 +219,11 @@ def test_report_is_self_contained(sample, tmp_path):
     assert "Pt &lt;on&gt; C" in text  # title escaped
     assert "equivalent_diameter (nm)" in text and "area (nm²)" in text  # units in the particle table
     assert "val/miou" in text and "sample.tif" in text and "Particles per image" in text
+    low, high = summary["intervals"]["mean"]["low"], summary["intervals"]["mean"]["high"]
+    assert f"95% CI {low:.3g}–{high:.3g}" in text  # the mean's bootstrap interval on its card
     csv = write_particles_csv(df, tmp_path / "run" / "particles.csv")
     assert pd.read_csv(csv).shape == df.shape
+    parquet = write_particles_parquet(df, tmp_path / "run" / "particles.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(parquet), df)
     with pytest.raises(FileNotFoundError, match="Missing"):
         write_report(tmp_path, "t", summary, {"Missing": tmp_path / "nope.png"})

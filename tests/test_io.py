@@ -430,3 +430,59 @@ def test_load_stack_too_few_images_names_the_numbers(tmp_path):
     assert "b.dm4 (" in message and "\n" not in message
     with pytest.raises(StackError, match="no image files given"):
         load_stack([])
+
+
+def test_mask_tiffs_read_back_with_their_nm_calibration_and_labels(tmp_path):
+    from tgan_ray.io.tiff import write_mask_tiffs
+
+    labels = np.zeros((40, 50), np.int32)
+    labels[5:15, 5:15], labels[20:30, 10:40], labels[32:38, 44:50] = 1, 2, 300
+    mask_uri, labels_uri = write_mask_tiffs(str(tmp_path), "a_labels", labels > 0, labels, 0.21)
+    assert (mask_uri, labels_uri) == (
+        str(tmp_path / "a_labels.tif"),
+        str(tmp_path / "labels" / "a_labels.tif"),
+    )
+    for uri, expected in ((mask_uri, (labels > 0) * 255), (labels_uri, labels)):
+        with tifffile.TiffFile(uri) as tif:
+            np.testing.assert_array_equal(tif.asarray(), expected)
+            assert tif.is_imagej and tif.imagej_metadata["unit"] == "nm"
+            num, den = tif.pages[0].tags["XResolution"].value
+            assert num / den == pytest.approx(1 / 0.21)
+        assert read_image(uri).pixel_size_nm == pytest.approx(0.21)  # our reader takes it back as nm
+    assert tifffile.imread(labels_uri).dtype == np.uint16
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+    write_mask_tiffs(str(tmp_path), "raw", labels > 0, labels, None)  # no pixel size: no calibration
+    assert read_image(tmp_path / "labels" / "raw.tif").pixel_size_nm is None
+
+
+def test_label_tiff_beyond_uint16_stays_exact():
+    from tgan_ray.io.tiff import label_image, tiff_bytes
+
+    labels = np.arange(70_000 * 2, dtype=np.int64).reshape(200, 700) // 2
+    stored = tifffile.imread(io.BytesIO(tiff_bytes(label_image(labels), 1.0)))
+    np.testing.assert_array_equal(stored.astype(np.int64), labels)
+
+
+@pytest.mark.parametrize("name", ["junk.png", "junk.jpg", "junk.tif", "junk.dm4"])
+def test_random_bytes_error_has_no_object_address(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(np.random.default_rng(5).bytes(3000))
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    message = str(err.value)
+    assert str(path) in message and " at 0x" not in message and "<_io" not in message, message
+    if name == "junk.png":  # Pillow's own text, less the buffer it was reading from
+        assert message.endswith("(UnidentifiedImageError: cannot identify image file)")
+
+
+def test_without_addresses_drops_reprs_and_keeps_the_words():
+    from tgan_ray.messages import without_addresses
+
+    text = (
+        "Connection failed: <urllib3.connection.HTTPConnection object at 0x7f3a2c1d9e50>: Failed to "
+        "establish a new connection; callback <function on_done at 0x10ab> gone; keep <not a repr>"
+    )
+    assert without_addresses(text) == (
+        "Connection failed: Failed to establish a new connection; callback gone; keep <not a repr>"
+    )

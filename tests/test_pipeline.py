@@ -9,6 +9,7 @@ from PIL import Image
 
 from tgan_ray.config import load_config
 from tgan_ray.data.synthetic import make_stack
+from tgan_ray.io import read_image
 from tgan_ray.pipeline import Pipeline, PipelineError, run_pipeline
 
 TINY = {
@@ -171,6 +172,11 @@ def test_every_artefact_is_written(finished_run):
     assert table["image_uncertainty"].between(0, 1).all()
     assert images["uncertainty"].between(0, 1).all()
     assert len(table) == len(pd.read_parquet(out / "segment" / "particles.parquet"))
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "particles.parquet"), table, check_dtype=False)
+    for src in sources:  # Fiji / napari copies of the masks, calibrated from pixel_size.json
+        pixel_size = json.loads((stack / "pixel_size.json").read_text())["pixel_size_nm"]
+        assert read_image(out / "masks" / f"{src.stem}.tif").pixel_size_nm == pytest.approx(pixel_size)
+        assert (out / "masks" / "labels" / f"{src.stem}.tif").is_file()
     assert json.loads((out / "segment" / "summary.json").read_text())["stack"]["count"] == summary["count"]
     html = (out / "report.html").read_text()
     assert "data:image/png;base64" in html and "http://" not in html and "https://" not in html

@@ -67,8 +67,9 @@ def _get(client, bucket, key) -> bytes:
 
 
 def _mask_times(client, bucket) -> dict[str, object]:
+    """The mask PNGs (the TIFF copies are rewritten on each run, so their calibration follows the config)."""
     objects = client.list_objects_v2(Bucket=bucket, Prefix="seg/masks/").get("Contents", [])
-    return {o["Key"]: (o["LastModified"], o["ETag"]) for o in objects}
+    return {o["Key"]: (o["LastModified"], o["ETag"]) for o in objects if o["Key"].endswith(".png")}
 
 
 def test_segment_s3_stack_with_corrupt_object_then_rerun(ray_s3, s3_bucket, segmenter_path, stack_dir):
@@ -88,6 +89,11 @@ def test_segment_s3_stack_with_corrupt_object_then_rerun(ray_s3, s3_bucket, segm
         mask = np.asarray(Image.open(io.BytesIO(_get(client, bucket, f"seg/masks/{stem}.png"))))
         assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 255}
     assert "seg/masks/x.png" not in _mask_times(client, bucket)
+    import tifffile
+
+    for stem in stems:  # the TIFF copies beside the PNGs on S3 too; PNGs carry no pixel size, nor do they
+        labels = tifffile.TiffFile(io.BytesIO(_get(client, bucket, f"seg/masks/labels/{stem}.tif")))
+        assert labels.asarray().shape == (SIZE, SIZE) and "unit" not in (labels.imagej_metadata or {})
 
     images = pd.read_parquet(io.BytesIO(_get(client, bucket, "seg/images.parquet")))
     assert len(images) == N_IMAGES + 1
@@ -167,6 +173,7 @@ def test_segment_local_stack_into_masks_dir_same_masks_as_in_process(
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["stack"]["unit"] in ("nm", None) and len(summary["per_image"]) == N_IMAGES
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
+    _check_calibrated_tiffs(masks_dir, particles, 0.25)
 
     # Masks of another model must not be mixed with these: refused before any Ray work.
     import torch
@@ -179,6 +186,26 @@ def test_segment_local_stack_into_masks_dir_same_masks_as_in_process(
     save_segmenter(other, tmp_path / "other.pt", meta=meta)
     with pytest.raises(ScaleOutError, match="outputs made with other settings \\(model_sha256\\)"):
         segment_stack(tmp_path / "other.pt", stack_dir, tmp_path / "out", cfg, masks_dir=masks_dir)
+
+
+def _check_calibrated_tiffs(masks_dir, particles, pixel_size_nm):
+    """Beside each mask PNG: the mask and its instance labels as ImageJ TIFFs calibrated in nm, whose labels
+    are the particles of particles.parquet."""
+    import tifffile
+
+    for png in sorted(masks_dir.glob("*.png")):
+        png_mask = np.asarray(Image.open(png)) > 127
+        with tifffile.TiffFile(masks_dir / f"{png.stem}.tif") as tif:
+            np.testing.assert_array_equal(tif.asarray() > 127, png_mask)
+            assert tif.imagej_metadata["unit"] == "nm"
+            num, den = tif.pages[0].tags["XResolution"].value
+            assert num / den == pytest.approx(1 / pixel_size_nm)
+        with tifffile.TiffFile(masks_dir / "labels" / f"{png.stem}.tif") as tif:
+            labels = tif.asarray()
+            assert labels.dtype == np.uint16 and tif.imagej_metadata["unit"] == "nm"
+        np.testing.assert_array_equal(labels > 0, png_mask)
+        ids = sorted(particles.loc[particles.image == png.stem, "particle_id"])
+        assert ids == sorted(set(np.unique(labels)) - {0})
 
 
 @pytest.fixture()

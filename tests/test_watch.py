@@ -36,7 +36,7 @@ def _disc_png(seed: int, size: int = 64) -> bytes:
     image = np.full((size, size), 20, np.uint8)
     for _ in range(int(rng.integers(2, 6))):
         cy, cx = rng.integers(8, size - 8, 2)
-        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = 220
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= rng.integers(3, 7) ** 2] = 220
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -151,7 +151,17 @@ def test_files_written_during_the_watch_are_sent_once_each(tmp_path, stand_in):
     assert summary["frames"] == 3 and summary["count"] + summary["psd"]["border_count"] == len(table)
     assert summary["unit"] == "nm" and summary["drift"]["frames"] == 3
     assert [r["file"] for r in summary["per_frame"]] == result.sent  # acquisition order
-    assert (out / "psd.png").stat().st_size > 0
+    assert (out / "psd.png").stat().st_size > 0 and (out / "mean_diameter.png").stat().st_size > 0
+    # Each frame's mean diameter with its bootstrap interval over the frame's own interior particles.
+    for frame in summary["per_frame"]:
+        rows = table[(table.file == frame["file"]) & ~table.touches_border]
+        assert frame["mean_diameter"] == pytest.approx(rows.equivalent_diameter.mean())
+        low, high = frame["mean_diameter_ci95"]
+        assert rows.equivalent_diameter.min() <= low <= frame["mean_diameter"] <= high
+        assert high <= rows.equivalent_diameter.max() and (high > low) == (
+            rows.equivalent_diameter.nunique() > 1
+        )
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "particles.parquet"), table, check_dtype=False)
 
     # A restart never resends.
     again = watch_folder(folder, url, out, interval=INTERVAL, stop_after_s=1.0)

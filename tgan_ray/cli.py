@@ -28,11 +28,28 @@ Sets = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override one field, e.g. --set segmenter.epochs=20 (repeatable)."),
 ]
+AsJson = Annotated[
+    bool, typer.Option("--json", help="End with the result as JSON on stdout (progress goes to stderr).")
+]
 
 
 def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    from tgan_ray.messages import without_addresses
+
+    typer.secho(f"error: {without_addresses(message)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def _finish(lines: list[str], payload: dict, as_json: bool) -> None:
+    """End a command: its result as JSON, or a short summary whose first line is green."""
+    from tgan_ray.cli_summary import to_json
+
+    if as_json:
+        typer.echo(to_json(payload))
+        return
+    typer.secho(lines[0], fg=typer.colors.GREEN)
+    for line in lines[1:]:
+        typer.echo(line)
 
 
 def _parse_sets(sets: list[str] | None) -> dict:
@@ -116,6 +133,7 @@ def run(
         Path | None, typer.Option(help="A Tune campaign folder whose best settings to use.")
     ] = None,
     set_: Sets = None,
+    as_json: AsJson = False,
 ) -> None:
     """Run steps 1-8 on an unlabelled stack: masks, particles.csv, summary.json and report.html."""
     overrides = _parse_sets(set_)
@@ -130,26 +148,20 @@ def run(
 
         overrides = {**tuned_overrides(tuned), **overrides}
     cfg = _config(preset, config, overrides)
-    _run(images, out, cfg, seed_model)
+    _run(images, out, cfg, seed_model, as_json)
 
 
-def _run(images, out, cfg, seed_model=None):
+def _run(images, out, cfg, seed_model=None, as_json=False):
+    from tgan_ray.cli_summary import run_dict, run_lines
     from tgan_ray.pipeline import run_pipeline
 
     try:
-        result = run_pipeline(images, out, cfg, seed_model=seed_model, log=lambda m: typer.echo(m))
+        result = run_pipeline(
+            images, out, cfg, seed_model=seed_model, log=lambda m: typer.echo(m, err=as_json)
+        )
     except _user_errors() as exc:
         _fail(str(exc))
-    s = result.summary
-    unit = s.get("unit") or "px"
-    mean = s.get("mean")
-    typer.secho(
-        f"done: {s.get('count')} particles, mean diameter {mean:.2f} {unit}"
-        if mean is not None
-        else f"done: {s.get('count')} particles",
-        fg=typer.colors.GREEN,
-    )
-    typer.echo(f"report: {result.report}\nmasks: {result.run_dir / 'masks'}\nsegmenter: {result.segmenter}")
+    _finish(run_lines(result), run_dict(result), as_json)
 
 
 @app.command()
@@ -159,6 +171,7 @@ def demo(
     n: Annotated[int, typer.Option("--n", help="Synthetic images in the demo stack.")] = 8,
     size: Annotated[int, typer.Option(help="Synthetic image side in px.")] = 256,
     set_: Sets = None,
+    as_json: AsJson = False,
 ) -> None:
     """Make a synthetic HAADF stack and run the whole pipeline on it (quick preset: minutes on a laptop CPU)."""
     from tgan_ray.data.synthetic import make_stack
@@ -167,8 +180,8 @@ def demo(
     stack = out / "stack"
     if not (stack / "images").is_dir():
         make_stack(stack, n=n, modality="haadf", size=size, seed=cfg.data.seed)
-        typer.echo(f"synthetic HAADF stack: {stack}/images (ground truth in {stack}/masks)")
-    _run(str(stack / "images"), out / "run", cfg)
+        typer.echo(f"synthetic HAADF stack: {stack}/images (ground truth in {stack}/masks)", err=as_json)
+    _run(str(stack / "images"), out / "run", cfg, as_json=as_json)
 
 
 @app.command()
@@ -248,8 +261,10 @@ def generate(
     preset: Preset = "paper",
     config: ConfigFile = None,
     set_: Sets = None,
+    as_json: AsJson = False,
 ) -> None:
     """Generate a virtual labelled dataset at scale with Ray Data (re-running completes what is missing)."""
+    from tgan_ray.cli_summary import generate_lines
     from tgan_ray.generate import generate_from_run
 
     cfg = _config(preset, config, _parse_sets(set_))
@@ -257,7 +272,7 @@ def generate(
         result = generate_from_run(run_dir, n, out, cfg)
     except (ValueError, *_user_errors()) as exc:
         _fail(str(exc))
-    typer.secho(f"done: {result}", fg=typer.colors.GREEN)
+    _finish(generate_lines(result), result.to_dict(), as_json)
 
 
 @app.command()
@@ -281,8 +296,10 @@ def segment(
     preset: Preset = "paper",
     config: ConfigFile = None,
     set_: Sets = None,
+    as_json: AsJson = False,
 ) -> None:
-    """Segment a whole stack with Ray Data: masks, particles.parquet, images.parquet and summary.json."""
+    """Segment a whole stack with Ray Data: masks (PNG, and TIFF in nm), particles.parquet, images.parquet, summary.json."""
+    from tgan_ray.cli_summary import segment_lines
     from tgan_ray.model_uri import resolve_model_uri
     from tgan_ray.segment import segment_stack
 
@@ -297,7 +314,7 @@ def segment(
         result = segment_stack(resolved, images, out, cfg, rough=rough)
     except (ValueError, *_user_errors()) as exc:
         _fail(str(exc))
-    typer.secho(f"done: {result}", fg=typer.colors.GREEN)
+    _finish(segment_lines(result), {**result.to_dict(), "summary": result.summary["stack"]}, as_json)
 
 
 @app.command()
@@ -305,18 +322,82 @@ def serve(
     model: Annotated[
         str, typer.Option("--model", help="NPsSegNet checkpoint: path, s3:// or models:/name/version.")
     ],
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to bind: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)."),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="HTTP port (config default: 8000).")
+    ] = None,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="Replicas of the segmenter (fixed, unless --max-replicas).")
+    ] = None,
+    max_replicas: Annotated[
+        int | None, typer.Option(min=1, help="Autoscale up to this many replicas under load.")
+    ] = None,
+    gpus_per_replica: Annotated[
+        float | None, typer.Option(min=0, help="GPUs each replica takes; 0 runs on CPU (config default: 0).")
+    ] = None,
+    cpus_per_replica: Annotated[float | None, typer.Option(min=0.01, help="CPUs each replica takes.")] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Requests grouped into one forward pass (config default: 8).")
+    ] = None,
     preset: Preset = "paper",
     config: ConfigFile = None,
     set_: Sets = None,
 ) -> None:
-    """Serve the segmenter over HTTP (POST /v1/segment; GET /v1/healthz, /v1/model, /docs) until Ctrl-C."""
+    """Serve the segmenter over HTTP (POST /v1/segment; GET /v1/healthz, /v1/model, /docs) until Ctrl-C.
+
+    Options not given keep the config's serve.* values (see `tgan config`); they win over --set.
+    """
     from tgan_ray.serve import serve_model
 
-    cfg = _config(preset, config, _parse_sets(set_))
+    cfg = serve_config(
+        preset,
+        config,
+        set_,
+        host,
+        port,
+        replicas,
+        max_replicas,
+        gpus_per_replica,
+        cpus_per_replica,
+        max_batch_size,
+    )
     try:
         serve_model(model, cfg, blocking=True)
     except (ValueError, *_user_errors()) as exc:
         _fail(str(exc))
+
+
+def serve_config(
+    preset: str = "paper",
+    config: Path | None = None,
+    set_: list[str] | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    replicas: int | None = None,
+    max_replicas: int | None = None,
+    gpus_per_replica: float | None = None,
+    cpus_per_replica: float | None = None,
+    max_batch_size: int | None = None,
+):
+    """The config ``tgan serve`` runs with: preset, file, --set, then its own options (those given)."""
+    overrides = _parse_sets(set_)
+    fields = {
+        "host": host,
+        "port": port,
+        "min_replicas": replicas,
+        "max_replicas": max_replicas if max_replicas is not None else replicas,
+        "gpus_per_replica": gpus_per_replica,
+        "cpus_per_replica": cpus_per_replica,
+        "max_batch_size": max_batch_size,
+    }
+    overrides.update({f"serve.{k}": v for k, v in fields.items() if v is not None})
+    cfg = _config(preset, config, overrides)
+    if cfg.serve.min_replicas > cfg.serve.max_replicas:
+        _fail(f"--replicas {cfg.serve.min_replicas} is more than --max-replicas {cfg.serve.max_replicas}")
+    return cfg
 
 
 @app.command()

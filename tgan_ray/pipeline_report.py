@@ -1,4 +1,4 @@
-"""The run's PSD report: particles.csv, summary.json, plots and one self-contained report.html."""
+"""The run's PSD report: particles.csv / .parquet, summary.json, plots and one self-contained report.html."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
     from tgan_ray.analysis.particles import PARTICLE_COLUMNS
     from tgan_ray.analysis.plots import plot_overlay, plot_psd, plot_shapes
     from tgan_ray.analysis.psd import psd_summary, write_summary
-    from tgan_ray.analysis.report import write_particles_csv, write_report
+    from tgan_ray.analysis.report import write_particles_csv, write_particles_parquet, write_report
 
     run_dir: Path = pipe.run_dir
     plots = run_dir / "plots"
@@ -40,6 +40,7 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
     if "uncertainty" in images:  # the frames to check by eye: each particle carries its frame's uncertainty
         df["image_uncertainty"] = df["image"].map(images["uncertainty"]).round(4)
     write_particles_csv(df, run_dir / "particles.csv")
+    write_particles_parquet(df, run_dir / "particles.parquet")
     summary = psd_summary(df, images=[f["stem"] for f in stack["frames"]])
     check = pipe.manifest.outputs("selfcheck") if pipe.manifest.done("selfcheck") else None
     if check:
@@ -94,7 +95,8 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
         },
     )
     pipe.tracker.log_metrics({f"psd/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-    for path in [run_dir / "summary.json", run_dir / "particles.csv", report, *figures.values()]:
+    tables = [run_dir / "particles.csv", run_dir / "particles.parquet"]
+    for path in [run_dir / "summary.json", *tables, report, *figures.values()]:
         pipe.tracker.log_artifact(path, "report")
     pipe.log(f"   {summary.get('count')} particles; report: {report}")
     return {"report": str(report), "summary": summary, "csv": str(run_dir / "particles.csv")}

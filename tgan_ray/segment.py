@@ -10,6 +10,8 @@ Ray Data plan (streaming: memory stays bounded whatever the stack size)::
 Output::
 
     <out>/masks/<stem>.png     mask at the frame's original resolution (0/255); ``masks_dir`` puts them elsewhere
+    <out>/masks/<stem>.tif     the same mask, and masks/labels/<stem>.tif its particles (instance labels), as
+                               ImageJ TIFFs calibrated in nm (Fiji, napari)
     <out>/particles.parquet    every particle (image = stem, source, pixel_size_nm, sizes in nm or px)
     <out>/summary.json         PSD of the whole stack, and one PSD summary per image
     <out>/segment.json         model hash and settings (a re-run into the same out must match them)
@@ -84,7 +86,9 @@ class SegmentResult:
 
 
 def _one_line(text: object, limit: int = 300) -> str:
-    flat = " ".join(str(text).split())
+    from tgan_ray.messages import without_addresses
+
+    flat = " ".join(without_addresses(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
@@ -204,8 +208,9 @@ class SegmentActor:
         return self.segmenter.to_mask(probability), uncertainty(probability)
 
     def _one(self, data: bytes, uri: str) -> dict[str, Any]:
-        from tgan_ray.analysis import measure_particles, psd_summary
+        from tgan_ray.analysis import measure_particles, psd_summary, split_touching
         from tgan_ray.io import decode_image, normalize_intensity, write_mask_png
+        from tgan_ray.io.tiff import write_mask_tiffs
 
         stem = self.stems.get(uri) or Path(uri.rsplit("/", 1)[-1]).stem
         row = _error_row(stem, uri, "")
@@ -222,7 +227,9 @@ class SegmentActor:
             else:
                 row["status"] = STATUS_REUSED
             pixel = self.data_cfg.pixel_size_nm or em.pixel_size_nm or self.fallback_pixel_size_nm
-            particles = measure_particles(mask, stem, pixel)
+            labels = split_touching(mask)
+            write_mask_tiffs(self.masks_dir, stem, mask, labels, pixel, self.storage)
+            particles = measure_particles(labels, stem, pixel)
             summary = psd_summary(particles, images=[stem])
             summary.pop("per_image", None)
         except st.StorageError:

@@ -10,8 +10,10 @@ once it is fully written: its size and mtime are the same on two polls in a row,
 - ``sent.json``, a ledger of every frame sent (or rejected by the endpoint), survives restarts;
 - ``particles.csv`` gets the frame's particles appended; the ledger records the CSV length after each frame,
   so a crash between the two is repaired on restart (rows without a ledger entry are cut, then resent);
-- ``running_summary.json`` (count, mean diameter, its drift per frame and per minute) and ``psd.png`` are
-  rewritten after each poll that brought new frames.
+- ``running_summary.json`` (count, mean diameter, its drift per frame and per minute, and each frame's mean
+  diameter with its 95% bootstrap interval), ``psd.png``, ``mean_diameter.png`` (the per-frame means with their
+  intervals: sintering drift shows) and ``particles.parquet`` are rewritten after each poll that brought new
+  frames.
 
 While the endpoint is down or overloaded (connection errors, timeouts, 5xx, 429), frames wait in order and are
 retried with capped exponential backoff: none is lost. A frame the endpoint refuses (4xx: not an image,
@@ -45,6 +47,8 @@ LEDGER = "sent.json"
 PARTICLES_CSV = "particles.csv"
 SUMMARY_JSON = "running_summary.json"
 PSD_PNG = "psd.png"
+SERIES_PNG = "mean_diameter.png"
+PARTICLES_PARQUET = "particles.parquet"
 FRAME_COLUMNS = ("frame_index", "file", "acquired_at")
 # Names that writers (microscope software, rsync, browsers, editors) use for files still being written.
 _TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".filepart", ".swp", "~")
@@ -61,7 +65,7 @@ class WatchResult:
         pending: files seen but not sent when the run ended (still being written, or the endpoint was down).
         retries: failed attempts that were retried (endpoint down, timeout, 5xx).
         elapsed_s: wall time of the run.
-        out_dir: where particles.csv, psd.png, running_summary.json and sent.json are.
+        out_dir: where particles.csv / .parquet, psd.png, mean_diameter.png, running_summary.json and sent.json are.
     """
 
     sent: list[str] = field(default_factory=list)
@@ -165,6 +169,7 @@ class _Session:
             "sent_at": datetime.now(timezone.utc).isoformat(),
             "count": summary.get("count"),
             "mean_diameter": summary.get("mean"),
+            "mean_diameter_ci95": _mean_interval(rows, seed=index),
             "unit": summary.get("unit"),
             "pixel_size_nm": response.get("pixel_size_nm"),
             "model": response.get("model"),
@@ -199,8 +204,10 @@ class _Session:
         )
 
     def write_summary(self) -> dict[str, Any]:
-        """Rewrite running_summary.json and psd.png from every particle so far."""
-        from tgan_ray.analysis import plot_psd, psd_summary, write_summary
+        """Rewrite running_summary.json, psd.png, mean_diameter.png and particles.parquet from every particle
+        so far."""
+        from tgan_ray.analysis import plot_psd, psd_summary, write_particles_parquet, write_summary
+        from tgan_ray.analysis.plots import plot_mean_series
 
         table = self.table
         if not table.empty and table["unit"].nunique() > 1:
@@ -219,6 +226,7 @@ class _Session:
                     "mtime": v["mtime"],
                     "count": v.get("count"),
                     "mean_diameter": v.get("mean_diameter"),
+                    "mean_diameter_ci95": v.get("mean_diameter_ci95"),
                 }
                 for k, v in sent.items()
             ),
@@ -237,7 +245,20 @@ class _Session:
         }
         write_summary(summary, self.out / SUMMARY_JSON)
         plot_psd(table, psd, self.out / PSD_PNG)
+        plot_mean_series(series, psd["unit"], self.out / SERIES_PNG)
+        write_particles_parquet(self.table, self.out / PARTICLES_PARQUET)
         return summary
+
+
+def _mean_interval(particles: pd.DataFrame, seed: int) -> list[float] | None:
+    """95% bootstrap interval [low, high] of one frame's mean diameter, resampling its interior particles."""
+    from tgan_ray.analysis.bootstrap import bootstrap_psd
+
+    if particles.empty:
+        return None
+    interior = particles.loc[~particles["touches_border"].astype(bool), "equivalent_diameter"]
+    ci = bootstrap_psd(interior.to_numpy(dtype=float), None, seed=seed, statistics=("mean",))
+    return None if ci is None else [ci["mean"]["low"], ci["mean"]["high"]]
 
 
 def _drift(series: list[dict[str, Any]]) -> dict[str, Any] | None:

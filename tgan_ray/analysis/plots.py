@@ -1,4 +1,4 @@
-"""Figures for the report and MLflow: PSD histogram, shape histograms, mask overlays, sample grids.
+"""Figures for the report and MLflow: PSD histogram, shape histograms, per-frame means, mask overlays, grids.
 
 Figures are built as plain ``matplotlib.figure.Figure`` objects on the Agg canvas, not through pyplot: nothing
 enters pyplot's global figure list, so nothing leaks and plotting is safe from Ray worker and Serve threads.
@@ -80,14 +80,55 @@ def plot_psd(df: pd.DataFrame, summary: dict, path: str | os.PathLike) -> Path:
                 label=f"lognormal: median {fit['median']:.3g} {unit}, σ {fit['sigma']:.2f}",
             )
         ax.axvline(float(np.median(d)), color="0.2", ls="--", lw=1, label=f"median {np.median(d):.3g} {unit}")
+        intervals = summary.get("intervals") if summary else None
+        note = _draw_intervals(ax, summary, intervals, unit) if intervals else None
         ax.set_ylabel(f"probability density (1/{unit})")
-        ax.legend(frameon=False, fontsize=8)
+        ax.legend(frameon=False, fontsize=8, title=note, title_fontsize=7)
     ax.set_xlabel(f"equivalent diameter ({unit})")
     border = summary.get("border_count") if summary else None
     ax.set_title(
         "Particle size distribution" + (f" ({border} edge particles excluded)" if border else ""), fontsize=10
     )
     return _save(fig, path)
+
+
+def _draw_intervals(ax, summary: dict, intervals: dict, unit: str) -> str:
+    """The mean's bootstrap interval as a shaded band; d10 / d50 / d90 as points with interval bars on top.
+    Returns the note that says how the intervals were made (the legend's title)."""
+    level = f"{100 * intervals.get('level', 0.95):.0f}%"
+    mean, ci = summary.get("mean"), intervals.get("mean")
+    if mean is not None and ci:
+        ax.axvspan(ci["low"], ci["high"], color="#e67e22", alpha=0.25, lw=0)
+        ax.axvline(
+            mean,
+            color="#e67e22",
+            lw=1.5,
+            label=f"mean {mean:.3g} {unit}, {level} CI {ci['low']:.4g}–{ci['high']:.4g}",
+        )
+    keys = [k for k in ("d10", "d50", "d90") if summary.get(k) is not None and intervals.get(k)]
+    if keys:
+        x = np.array([summary[k] for k in keys])
+        low, high = (
+            np.array([intervals[k]["low"] for k in keys]),
+            np.array([intervals[k]["high"] for k in keys]),
+        )
+        # x in data units, y as a fraction of the axes: the bars sit above the histogram whatever its height.
+        ax.errorbar(
+            x,
+            np.full(x.size, 0.95),
+            xerr=[np.maximum(x - low, 0), np.maximum(high - x, 0)],
+            fmt="v",
+            color="0.15",
+            ms=5,
+            capsize=3,
+            transform=ax.get_xaxis_transform(),
+            label="d10 / d50 / d90, " + level + " CI",
+        )
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.15)  # head room for the bars
+    per = "image" if intervals.get("resampled") == "images" else "particle"
+    return (
+        f"{level} CIs: bootstrap of {intervals.get('units')} {per}s, {intervals.get('resamples')} resamples"
+    )
 
 
 def plot_shapes(df: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -121,6 +162,33 @@ def plot_shapes(df: pd.DataFrame, path: str | os.PathLike) -> Path:
         ax.set_xlabel(name, fontsize=9)
     fig.suptitle(f"Particle shape (n = {len(interior)}, no unit)", fontsize=10)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_mean_series(series: Sequence[dict], unit: str | None, path: str | os.PathLike) -> Path:
+    """Mean diameter per frame of a time series (``tgan watch``), with each frame's 95% interval as a bar.
+
+    Args:
+        series: one dict per frame with ``frame_index``, ``mean_diameter`` and ``mean_diameter_ci95``
+            ([low, high] or None), in acquisition order.
+        unit: 'nm' or 'px'.
+        path: PNG to write.
+    """
+    unit = unit or "px"
+    points = [r for r in series if r.get("mean_diameter") is not None]
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot()
+    if not points:
+        _no_data(ax, "no frame with interior particles yet")
+    else:
+        x = np.array([r["frame_index"] for r in points], dtype=float)
+        y = np.array([r["mean_diameter"] for r in points], dtype=float)
+        ci = np.array([r.get("mean_diameter_ci95") or (np.nan, np.nan) for r in points], dtype=float)
+        err = np.vstack([y - ci[:, 0], ci[:, 1] - y])
+        ax.errorbar(x, y, yerr=np.nan_to_num(np.maximum(err, 0)), fmt="o-", ms=3, lw=1, capsize=2)
+        ax.set_ylabel(f"mean equivalent diameter ({unit})")
+    ax.set_xlabel("frame")
+    ax.set_title("Mean diameter per frame (bars: 95% bootstrap interval over its particles)", fontsize=9)
     return _save(fig, path)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from tgan_ray.analysis.bootstrap import DEFAULT_RESAMPLES, bootstrap_psd
 from tgan_ray.analysis.report import atomic_path
 
 
@@ -65,18 +66,24 @@ def _shape_medians(interior: pd.DataFrame) -> dict[str, float | None]:
     return out
 
 
-def psd_summary(df: pd.DataFrame, images: list[str] | None = None) -> dict[str, Any]:
+def psd_summary(
+    df: pd.DataFrame, images: list[str] | None = None, resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+) -> dict[str, Any]:
     """Summarise the particle table from :func:`~tgan_ray.analysis.particles.measure_particles`.
 
     Args:
         df: particle table (any number of images, one unit).
         images: every image that was analysed, so that images without particles are listed with count 0.
+        resamples: bootstrap draws for ``intervals`` (0: none).
+        seed: the bootstrap's seed.
 
     Returns:
         ``count`` (interior particles), ``border_count``, ``unit`` ('nm' / 'px' / None when empty),
         ``mean``, ``median``, ``sd`` (ddof 1), ``dispersion`` (sd / mean, the coefficient of variation),
         ``d10``, ``d50``, ``d90`` of the equivalent diameter, ``lognormal`` (see :func:`lognormal_fit`),
-        ``shape`` (median circularity, eccentricity, solidity, minor/major axis ratio) and ``per_image``
+        ``shape`` (median circularity, eccentricity, solidity, minor/major axis ratio), ``intervals``
+        (95% bootstrap intervals of mean, median, d10, d50, d90, resampling images: see
+        :func:`~tgan_ray.analysis.bootstrap.bootstrap_psd`) and ``per_image``
         (``{image: {'count', 'border_count'}}``). Statistics a sample is too small for are None.
     """
     required = {"image", "equivalent_diameter", "touches_border"}
@@ -109,15 +116,17 @@ def psd_summary(df: pd.DataFrame, images: list[str] | None = None) -> dict[str, 
         "d90": _number(d90) if n else None,
         "lognormal": lognormal_fit(d),
         "shape": _shape_medians(interior) if shape_cols <= set(df.columns) else None,
+        "intervals": bootstrap_psd(d, interior["image"].astype(str).to_numpy(), resamples, seed=seed),
         "per_image": per_image,
     }
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars made Python numbers and NaN / inf made None, recursively."""
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -129,5 +138,5 @@ def write_summary(summary: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a summary as indented JSON, atomically; NaN / inf become null so any JSON reader accepts it."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     return path

@@ -1,4 +1,4 @@
-"""One self-contained HTML report per run, plus the particle CSV.
+"""One self-contained HTML report per run, plus the particle table (CSV and Parquet).
 
 The report embeds every figure as a base64 data URI and carries its own CSS, so it opens offline, can be
 mailed as one file and logged to MLflow as one artifact. Nothing in it points to the network.
@@ -71,6 +71,14 @@ def write_particles_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return path
 
 
+def write_particles_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write the particle table as Parquet (typed columns, no index), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return path
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "–"
@@ -91,6 +99,15 @@ def _card(label: str, value: str, note: str = "") -> str:
     )
 
 
+def _interval(summary: Mapping[str, Any], key: str) -> str:
+    """'95% CI 9.8–10.4' from the summary's bootstrap intervals, or '' when there are none."""
+    intervals = summary.get("intervals")
+    ci = intervals.get(key) if isinstance(intervals, Mapping) else None
+    if not isinstance(ci, Mapping):
+        return ""
+    return f"{100 * intervals.get('level', 0.95):.0f}% CI {_fmt(ci.get('low'))}–{_fmt(ci.get('high'))}"
+
+
 def _summary_cards(summary: Mapping[str, Any]) -> str:
     unit = summary.get("unit") or "px"
     cards = []
@@ -100,14 +117,16 @@ def _summary_cards(summary: Mapping[str, Any]) -> str:
         cards.append(_card("At frame edge", _fmt(summary.get("border_count")), "excluded from sizes"))
     if summary.get("mean") is not None:
         sd = f" ± {_fmt(summary.get('sd'))}" if summary.get("sd") is not None else ""
-        cards.append(
-            _card("Mean diameter", f"{_fmt(summary['mean'])}{sd} {unit}", "equivalent-circle, ± 1 sd")
-        )
+        note = "; ".join(filter(None, ["equivalent-circle, ± 1 sd", _interval(summary, "mean")]))
+        cards.append(_card("Mean diameter", f"{_fmt(summary['mean'])}{sd} {unit}", note))
     if summary.get("median") is not None:
-        cards.append(_card("Median diameter", f"{_fmt(summary['median'])} {unit}"))
+        cards.append(
+            _card("Median diameter", f"{_fmt(summary['median'])} {unit}", _interval(summary, "median"))
+        )
     if summary.get("d10") is not None:
         d = " / ".join(_fmt(summary.get(k)) for k in ("d10", "d50", "d90"))
-        cards.append(_card("d10 / d50 / d90", f"{d} {unit}"))
+        note = "; ".join(f"{k}: {_interval(summary, k)}" for k in ("d10", "d90") if _interval(summary, k))
+        cards.append(_card("d10 / d50 / d90", f"{d} {unit}", note))
     if summary.get("dispersion") is not None:
         cards.append(_card("Dispersion (CV)", f"{100 * summary['dispersion']:.1f} %", "sd / mean"))
     fit = summary.get("lognormal")

@@ -23,6 +23,7 @@ import numpy as np
 
 from tgan_ray.config import StorageConfig
 from tgan_ray.io.storage import StorageNotFoundError, is_s3, read_bytes, write_bytes
+from tgan_ray.messages import without_addresses
 
 _log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class EMImage:
 
 
 def _one_line(text: object, limit: int = 160) -> str:
-    flat = " ".join(str(text).split())
+    flat = " ".join(without_addresses(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 

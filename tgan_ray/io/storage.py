@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from urllib.parse import urlparse
 
 from tgan_ray.config import StorageConfig
+from tgan_ray.messages import without_addresses
 
 # Short timeouts and two attempts: a wrong endpoint must fail in seconds, not after botocore's default minutes.
 CONNECT_TIMEOUT_S = 5
@@ -168,7 +169,8 @@ def _endpoint_label(storage: StorageConfig | None) -> str:
 
 
 def _one_line(text: object, limit: int = 200) -> str:
-    flat = " ".join(str(text).split())
+    # urllib3 names its connection objects: "<...HTTPConnection object at 0x7f..>: Failed to establish..."
+    flat = " ".join(without_addresses(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
