@@ -41,6 +41,12 @@ def test_quick_preset_is_small_and_yaml_round_trips(tmp_path):
     assert set(PRESETS) == {"paper", "quick", "cpu"}
 
 
+def test_auto_preset_fits_the_machine():
+    import torch
+
+    assert load_config("auto") == load_config("paper" if torch.cuda.is_available() else "cpu")
+
+
 def test_cpu_preset_sits_between_quick_and_paper():
     quick, cpu, paper = (load_config(p) for p in ("quick", "cpu", "paper"))
     assert quick.data.image_size < cpu.data.image_size < paper.data.image_size

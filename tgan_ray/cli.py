@@ -21,7 +21,12 @@ app = typer.Typer(
 )
 
 Preset = Annotated[
-    str, typer.Option("--preset", help="Defaults: paper (the paper's hyperparameters) | quick (CPU).")
+    str,
+    typer.Option(
+        "--preset",
+        help="Defaults: paper (the paper's hyperparameters) | cpu (a first run on a CPU) | quick (minutes) | "
+        "auto (paper on a GPU, else cpu).",
+    ),
 ]
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML file overriding preset values.")]
 Sets = Annotated[
@@ -117,7 +122,7 @@ def synth(
 def run(
     images: Annotated[str, typer.Option("--images", help="Stack: a folder, a glob or s3://bucket/prefix.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder; running again resumes it.")],
-    preset: Preset = "paper",
+    preset: Preset = "auto",
     config: ConfigFile = None,
     particle_contrast: Annotated[
         str | None, typer.Option(help="bright (HAADF) | dark (BF-TEM) | auto.")
@@ -147,6 +152,12 @@ def run(
         from tgan_ray.tune import tuned_overrides
 
         overrides = {**tuned_overrides(tuned), **overrides}
+    if preset == "auto":
+        from tgan_ray.config import auto_preset
+
+        preset = auto_preset()
+        why = "a GPU is present" if preset == "paper" else "no GPU found; on a GPU it would be paper"
+        typer.echo(f"preset auto: {preset} ({why}; --preset chooses another)", err=as_json)
     cfg = _config(preset, config, overrides)
     _run(images, out, cfg, seed_model, as_json)
 

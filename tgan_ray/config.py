@@ -406,10 +406,21 @@ def build_config(data: dict[str, Any] | None = None, source: str = "dict") -> Co
         raise ConfigError(_one_line(err, source)) from None
 
 
+def auto_preset() -> str:
+    """The preset that fits this machine: ``paper`` with a CUDA GPU, else ``cpu`` (the paper's takes days there)."""
+    import torch
+
+    return "paper" if torch.cuda.is_available() else "cpu"
+
+
 def load_config(
     preset: str = "paper", path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
 ) -> Config:
-    """Paper defaults, then a preset, then a YAML file, then dotted overrides (``{"segmenter.lr": 1e-3}``)."""
+    """Paper defaults, then a preset, then a YAML file, then dotted overrides (``{"segmenter.lr": 1e-3}``).
+
+    ``preset="auto"`` is :func:`auto_preset`: the paper's on a GPU, ``cpu`` otherwise.
+    """
+    preset = auto_preset() if preset == "auto" else preset
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     merged = dict(PRESETS[preset])
