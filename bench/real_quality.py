@@ -114,7 +114,7 @@ def yolo_boxes(path: Path, shape: tuple[int, int]) -> np.ndarray:
 def _diameters(mask: np.ndarray, boxes: bool) -> np.ndarray:
     from skimage.measure import label, regionprops
 
-    props = regionprops(label(mask > 0))
+    props = regionprops(mask if mask.dtype != bool else label(mask))
     if boxes:
         return np.array([np.sqrt((p.bbox[2] - p.bbox[0]) * (p.bbox[3] - p.bbox[1])) for p in props])
     return np.array([p.equivalent_diameter_area for p in props])
@@ -167,9 +167,12 @@ def score_stack(stack: Stack, masks: dict[str, np.ndarray], box_iou: float) -> d
 
 
 def _read_masks(folder: Path, stems) -> dict[str, np.ndarray]:
+    """Particles as the particle table counts them: each mask split with ``split_touching`` (for either segmenter)."""
     from PIL import Image
 
-    return {s: np.asarray(Image.open(folder / f"{s}.png")) > 127 for s in stems}
+    from tgan_ray.analysis import split_touching
+
+    return {s: split_touching(np.asarray(Image.open(folder / f"{s}.png")) > 127) for s in stems}
 
 
 def _link_frames(stack: Stack, folder: Path) -> Path:

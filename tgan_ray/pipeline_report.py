@@ -113,7 +113,7 @@ def _self_check_tables(check: dict | None, images: pd.DataFrame) -> dict[str, pd
             ("step 2: particles per frame", step2.get("particles_per_frame")),
             ("step 2: median diameter, working px", step2.get("median_diameter_px")),
             ("step 2: blob diameter of the stack, working px", step2.get("expected_diameter_px")),
-            ("step 2: contrast / pixel noise", step2.get("contrast_to_noise")),
+            ("step 2: contrast / that of support patches", step2.get("contrast_to_support")),
             ("rough's confident particles found by NPsSegNet", agree.get("recall")),
             ("confident particles checked (held-out frames)", agree.get("confident")),
             ("virtual data used", (check.get("realism") or {}).get("source")),
