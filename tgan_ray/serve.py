@@ -32,7 +32,6 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,9 +39,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tgan_ray.config import Config, ServeConfig
 from tgan_ray.model_uri import ModelSource, _tracking_uri, resolve_model, resolve_model_uri
 from tgan_ray.serve_requests import (
+    ErrorBody,
+    ModelInfo,
     RequestError,
+    SegmentResult,
     UploadGuard,
+    bad_parameters,
     error_response,
+    http_error,
     json_records,
     mask_png,
     safe_name,
@@ -71,35 +75,6 @@ MAX_TILES_PER_PASS = 64  # tiles per forward pass: bounds GPU memory when a batc
 _RAW_BODY = {"schema": {"type": "string", "format": "binary", "description": "the image file's bytes"}}
 
 
-class ModelInfo(BaseModel):
-    name: str
-    version: str
-    uri: str
-    run_id: str | None = None
-    training_run: str | None = None
-    arch: str
-    tile_size: int
-    resize_mode: str
-    device: str
-    meta: dict[str, Any] = {}
-
-
-class SegmentResult(BaseModel):
-    image: str
-    shape: list[int]
-    pixel_size_nm: float | None
-    pixel_size_from: str
-    particles: list[dict[str, Any]]
-    summary: dict[str, Any]
-    model: dict[str, str]
-    timing_ms: dict[str, float]
-    batch_size: int
-
-
-class ErrorBody(BaseModel):
-    detail: str
-
-
 app = FastAPI(
     title="tgan-ray segmentation",
     version="1",
@@ -117,25 +92,8 @@ def _replica_limits() -> tuple[int, float, float]:
 
 
 app.add_middleware(UploadGuard, limits=_replica_limits, path_suffix=f"{API_PREFIX}/segment")
-
-
-@app.exception_handler(RequestValidationError)
-async def _bad_parameters(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI answers 422 with a nested list; clients here get 400 and one line naming the parameter.
-    first = exc.errors()[0] if exc.errors() else {"loc": ("request",), "msg": "invalid"}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body")) or "request"
-    return error_response(400, f"{where}: {first.get('msg', 'invalid')}")
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # E.g. a malformed multipart body: FastAPI's 400 names no cause; add the parser's one line.
-    detail, cause = str(exc.detail), exc.__cause__
-    if cause is not None and str(cause):
-        detail = f"{detail}: {cause}"
-    if exc.status_code == 400 and "multipart" not in detail.lower():
-        detail = f"malformed upload: {detail}"
-    return error_response(exc.status_code, detail, exc.headers)
+app.add_exception_handler(RequestValidationError, bad_parameters)
+app.add_exception_handler(StarletteHTTPException, http_error)
 
 
 @serve.deployment(name="SegmentationService")

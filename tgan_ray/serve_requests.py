@@ -1,4 +1,4 @@
-"""Request plumbing of the segmentation endpoint: one-line JSON errors, upload limits, the per-request deadline.
+"""Request plumbing of the segmentation endpoint: schemas, one-line JSON errors, upload limits, the deadline.
 
 :class:`UploadGuard` is ASGI middleware on the service's FastAPI app. It runs in the replica before FastAPI parses
 the body (multipart uploads are parsed by Starlette with python-multipart into an ``UploadFile``), so:
@@ -22,11 +22,27 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestError", "UploadGuard", "error_response", "json_records", "mask_png", "safe_name"]
+__all__ = [
+    "ErrorBody",
+    "ModelInfo",
+    "RequestError",
+    "SegmentResult",
+    "UploadGuard",
+    "bad_parameters",
+    "error_response",
+    "http_error",
+    "json_records",
+    "mask_png",
+    "safe_name",
+]
 
 
 class RequestError(Exception):
@@ -60,6 +76,52 @@ def mask_png(mask: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    uri: str
+    run_id: str | None = None
+    training_run: str | None = None
+    arch: str
+    tile_size: int
+    resize_mode: str
+    device: str
+    meta: dict[str, Any] = {}
+
+
+class SegmentResult(BaseModel):
+    image: str
+    shape: list[int]
+    pixel_size_nm: float | None
+    pixel_size_from: str
+    particles: list[dict[str, Any]]
+    summary: dict[str, Any]
+    model: dict[str, str]
+    timing_ms: dict[str, float]
+    batch_size: int
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+async def bad_parameters(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI answers 422 with a nested list; clients here get 400 and one line naming the parameter.
+    first = exc.errors()[0] if exc.errors() else {"loc": ("request",), "msg": "invalid"}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body")) or "request"
+    return error_response(400, f"{where}: {first.get('msg', 'invalid')}")
+
+
+async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # E.g. a malformed multipart body: FastAPI's 400 names no cause; add the parser's one line.
+    detail, cause = str(exc.detail), exc.__cause__
+    if cause is not None and str(cause):
+        detail = f"{detail}: {cause}"
+    if exc.status_code == 400 and "multipart" not in detail.lower():
+        detail = f"malformed upload: {detail}"
+    return error_response(exc.status_code, detail, exc.headers)
 
 
 def _is_multipart(content_type: str) -> bool:
