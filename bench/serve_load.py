@@ -7,6 +7,12 @@ frames from 32 concurrent clients, and reports p50/p99 latency, throughput and e
     python bench/serve_load.py --model runs/r1/round1/npssegnet.pt # a trained NPsSegNet, 1024 px frames
     python bench/serve_load.py --arch paper --gpus-per-replica 1   # paper net (random weights) on a GPU replica
     python bench/serve_load.py --endpoint http://127.0.0.1:8000    # a service started with `tgan serve`
+    python bench/serve_load.py --overload --sizes 512,2048         # load shedding at twice the capacity
+
+``--overload``: for each frame size, measure the capacity (closed loop, one full batch in flight), then send an
+open-loop stream at twice that rate. It passes when every request gets 200 or 503 (with Retry-After) within
+``--request-timeout``, none times out at the client, and the replica answers /v1/healthz and one last frame.
+The server runs with ``max_ongoing_requests = --max-batch-size`` and ``max_queued_requests = --max-queued``.
 
 Models without --model: ``tiny`` trains a 64 px toy NPsSegNet for a few seconds (real masks and particle tables,
 CPU-friendly); ``paper`` is UNet++/ResNet34 on 512 px tiles with random weights (the paper's compute, but its
@@ -117,7 +123,8 @@ async def run_load(
                 body = r.json() if ok else {"detail": r.text[:200]}
             except Exception as exc:  # noqa: BLE001 - every failure is counted, none stops the test
                 ok, body = False, {"detail": f"{type(exc).__name__}: {exc}"}
-            results.append({"latency": time.perf_counter() - t0, "ok": ok, "body": body})
+            done = time.perf_counter()
+            results.append({"latency": done - t0, "done": done, "ok": ok, "body": body})
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=max(60.0, time_limit_s), limits=limits) as client:
@@ -140,6 +147,7 @@ async def run_load(
         "first_errors": [r["body"].get("detail") for r in results if not r["ok"]][:3],
         "wall_s": round(wall, 2),
         "throughput_rps": round(len(good) / wall, 2) if wall > 0 else None,
+        "steady_rps": _steady_rate([r["done"] for r in good], skip=min(concurrency, len(good) // 2)),
         "latency_ms": {
             "p50": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
             "p90": round(float(np.percentile(lat, 90)), 1) if len(lat) else None,
@@ -150,6 +158,96 @@ async def run_load(
         "mean_batch_size": mean([r["body"]["batch_size"] for r in good]),
         "particles_per_frame": mean([len(r["body"]["particles"]) for r in good]),
     }
+
+
+def _steady_rate(done: list[float], skip: int) -> float | None:
+    """Completions per second after the first ``skip`` (the pipeline filling), from completion times."""
+    done = sorted(done)[max(skip - 1, 0) :]
+    return round((len(done) - 1) / (done[-1] - done[0]), 3) if len(done) > 1 and done[-1] > done[0] else None
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(np.array(values) * 1e3, q)), 1) if values else None
+
+
+async def run_overload(url: str, frames: list[bytes], rate: float, count: int, client_timeout: float) -> list:
+    """Open loop: ``count`` requests at ``rate`` per second, whatever the answers; one dict per request."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+    results: list[dict] = []
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            r = await client.post(f"{url}/v1/segment", files={"file": (f"f{i}.png", frames[i % len(frames)])})
+            item = {"status": r.status_code, "retry_after": r.headers.get("retry-after")}
+            if r.status_code != 200:
+                item["detail"] = r.text[:160]
+        except httpx.TimeoutException:
+            item = {"status": "client timeout"}
+        except Exception as exc:  # noqa: BLE001 - every failure is counted
+            item = {"status": f"{type(exc).__name__}: {exc}"[:160]}
+        results.append({**item, "latency": time.perf_counter() - t0})
+
+    async with httpx.AsyncClient(timeout=client_timeout, limits=limits) as client:
+        start, tasks = time.perf_counter(), []
+        for i in range(count):
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(client, i)))
+        await asyncio.gather(*tasks)
+    return results
+
+
+def overload_report(url: str, frames: list[bytes], args) -> dict:
+    """Capacity, then twice the capacity, then the replica's health, for one frame size."""
+    import httpx
+
+    # Closed loop with the whole bound in flight (replica + queue): batches stay full, and nothing is refused.
+    backlog = args.max_batch_size + args.max_queued
+    closed = asyncio.run(run_load(url, frames, args.capacity_requests, backlog, args.time_limit))
+    capacity = closed["steady_rps"] or closed["throughput_rps"] or 0.0
+    if not capacity:
+        return {"capacity": closed, "passed": False, "why": "no request succeeded while measuring capacity"}
+    # Twice the capacity for overload_s, and long enough that the excess (capacity x time) overflows the bound
+    # even if the capacity was underestimated twofold on a shared machine.
+    count = args.overload_requests or max(round(2 * capacity * args.overload_s), 6 * backlog)
+    deadline = args.request_timeout
+    results = asyncio.run(run_overload(url, frames, 2 * capacity, count, deadline * 1.1 + 30))
+    codes: dict[str, int] = {}
+    for r in results:
+        codes[str(r["status"])] = codes.get(str(r["status"]), 0) + 1
+    ok = [r["latency"] for r in results if r["status"] == 200]
+    refused = [r for r in results if r["status"] == 503]
+    health = httpx.get(f"{url}/v1/healthz", timeout=60).status_code
+    final = httpx.post(f"{url}/v1/segment", files={"file": ("last.png", frames[0])}, timeout=deadline + 30)
+    report = {
+        "capacity_rps": capacity,
+        "at_capacity_latency_ms": closed["latency_ms"],
+        "offered_rps": round(2 * capacity, 3),
+        "requests": len(results),
+        "status_counts": codes,
+        "share_503": round(len(refused) / len(results), 3),
+        "client_timeouts": codes.get("client timeout", 0),
+        "over_deadline": sum(r["latency"] > deadline for r in results),
+        "latency_200_ms": {"p50": _pct(ok, 50), "p99": _pct(ok, 99), "max": _pct(ok, 100)},
+        "latency_503_ms": {
+            "p50": _pct([r["latency"] for r in refused], 50),
+            "p99": _pct([r["latency"] for r in refused], 99),
+        },
+        "all_503_have_retry_after": all(r["retry_after"] for r in refused),
+        "other_answers": [r.get("detail", r["status"]) for r in results if r["status"] not in (200, 503)][:3],
+        "healthz_after": health,
+        "final_request": final.status_code,
+    }
+    report["passed"] = bool(
+        set(codes) <= {"200", "503"}
+        and report["over_deadline"] == 0
+        and report["all_503_have_retry_after"]
+        and health == 200
+        and final.status_code == 200
+    )
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,13 +271,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", help="also write the report to this JSON file")
     p.add_argument("--smoke-test", action="store_true", help="40 requests, 8 concurrent, 128 px frames")
+    p.add_argument("--overload", action="store_true", help="load shedding at twice the measured capacity")
+    p.add_argument("--sizes", default="512,2048", help="--overload: frame sides, px, comma-separated")
+    p.add_argument("--max-queued", type=int, default=None, help="--overload: max_queued_requests (2 batches)")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="--overload: serve.request_timeout_s")
+    p.add_argument("--capacity-requests", type=int, default=None, help="--overload: requests (3 batches)")
+    p.add_argument("--overload-s", type=float, default=60.0, help="--overload: seconds at twice the capacity")
+    p.add_argument(
+        "--overload-requests", type=int, default=None, help="--overload: requests (default: from -s)"
+    )
     args = p.parse_args(argv)
     if args.smoke_test:
         args.requests, args.concurrency, args.size, args.frames = 40, 8, 128, 4
+    args.max_queued = args.max_queued or 2 * args.max_batch_size
+    args.capacity_requests = args.capacity_requests or 3 * args.max_batch_size
+    sizes = [int(v) for v in args.sizes.split(",")] if args.overload else [args.size]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    frames = make_frames(args.frames, args.size)
+    frames = {size: make_frames(args.frames, size) for size in sizes}
     started = None
     tmp = tempfile.TemporaryDirectory(prefix="tgan-bench-")
     if args.endpoint:
@@ -205,7 +315,14 @@ def main(argv: list[str] | None = None) -> int:
                     "gpus_per_replica": gpus,
                     "max_batch_size": args.max_batch_size,
                     "batch_wait_timeout_s": args.batch_wait_s,
-                    "max_ongoing_requests": max(args.concurrency, args.max_batch_size),
+                    "max_ongoing_requests": args.max_batch_size
+                    if args.overload
+                    else max(args.concurrency, args.max_batch_size),
+                    **(
+                        {"max_queued_requests": args.max_queued, "request_timeout_s": args.request_timeout}
+                        if args.overload
+                        else {}
+                    ),
                 }
             }
         )
@@ -218,10 +335,16 @@ def main(argv: list[str] | None = None) -> int:
         import httpx
 
         info = httpx.get(f"{url}/v1/model", timeout=60).json()
-        for frame in frames[:2]:  # warm-up: first calls pay for lazy initialisation
+        for frame in frames[sizes[0]][:2]:  # warm-up: first calls pay for lazy initialisation
             r = httpx.post(f"{url}/v1/segment", files={"file": ("warm.png", frame)}, timeout=300)
             r.raise_for_status()
-        report = asyncio.run(run_load(url, frames, args.requests, args.concurrency, args.time_limit))
+        if args.overload:
+            per_size = {f"{n}px": overload_report(url, frames[n], args) for n in sizes}
+            report = {"overload": per_size, "passed": all(r["passed"] for r in per_size.values())}
+        else:
+            report = asyncio.run(
+                run_load(url, frames[args.size], args.requests, args.concurrency, args.time_limit)
+            )
     finally:
         if started is not None:
             from ray import serve
@@ -230,13 +353,17 @@ def main(argv: list[str] | None = None) -> int:
         tmp.cleanup()
     report = {
         "setup": {
-            "frame_px": args.size,
-            "concurrency": args.concurrency,
-            "requests": args.requests,
+            "frame_px": sizes if args.overload else args.size,
+            **(
+                {"max_queued_requests": args.max_queued, "request_timeout_s": args.request_timeout}
+                if args.overload
+                else {"concurrency": args.concurrency, "requests": args.requests}
+            ),
             "model": {k: info.get(k) for k in ("name", "arch", "tile_size", "resize_mode", "device")},
             "replicas": args.replicas,
             "max_batch_size": args.max_batch_size,
             "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
+            "date": time.strftime("%Y-%m-%d"),
         },
         **report,
     }
@@ -244,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.overload:
+        return 0 if report["passed"] else 1
     return 0 if report["errors"] == 0 and report["ok"] > 0 else 1
 
 

@@ -125,6 +125,10 @@ def test_raw_body_and_tiff_calibration(client):
     r = client.post("/v1/segment", content=png, params={"pixel_size_nm": PIXEL_NM})
     assert r.status_code == 200, r.text
     assert abs(len(r.json()["particles"]) - true_count) <= max(2, 0.2 * true_count)
+    # `curl --data-binary @frame.png` labels the raw body a urlencoded form: it is still the image.
+    curl_like = {"content-type": "application/x-www-form-urlencoded"}
+    r = client.post("/v1/segment", content=png, headers=curl_like, params={"filename": "frame.png"})
+    assert r.status_code == 200 and r.json()["image"] == "frame.png", r.text
     # A TIFF calibrated in nm (ImageJ style): the service takes the pixel size from the file.
     image = np.asarray(Image.open(io.BytesIO(png)))
     buffer = io.BytesIO()
@@ -176,9 +180,13 @@ def _bomb() -> bytes:
     return _png(np.zeros((2048, 2048), np.uint8))
 
 
-def _chunks(total: int):
+def _chunks(total: int, head: bytes = b""):
+    yield head
     for _ in range(total // 65536 + 1):
         yield b"\0" * 65536
+
+
+_MULTIPART_HEAD = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
 
 
 BAD_INPUTS = {
@@ -198,6 +206,21 @@ BAD_INPUTS = {
     ),
     "too many bytes": (413, {"content": b"\0" * (MAX_UPLOAD + 1)}),
     "too many bytes, chunked": (413, {"content": _chunks(MAX_UPLOAD + 1)}),
+    "too many bytes, multipart": (413, {"files": {"file": ("big.png", b"\0" * (MAX_UPLOAD + 1))}}),
+    "too many bytes, chunked multipart": (
+        413,
+        {
+            "content": _chunks(MAX_UPLOAD + 1, _MULTIPART_HEAD),
+            "headers": {"content-type": "multipart/form-data; boundary=xyz"},
+        },
+    ),
+    "truncated multipart": (
+        400,
+        {
+            "content": _MULTIPART_HEAD + b"abc",
+            "headers": {"content-type": "multipart/form-data; boundary=xyz"},
+        },
+    ),
     "decompression bomb": (413, {"content": _bomb()}),
     "negative pixel size": (400, {"content": b"x", "params": {"pixel_size_nm": -1}}),
     "pixel size not a number": (400, {"files": {"file": ("x.png", b"x")}, "data": {"pixel_size_nm": "abc"}}),
@@ -220,6 +243,84 @@ def test_bad_input_is_refused_and_the_replica_survives(client, case):
 def test_good_request_after_bad_ones(client):
     png, _, _ = _frame(seed=104, size=64)
     assert client.post("/v1/segment", content=png).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- overload, deadline
+
+
+def _side_app(tiny_model, name: str, **serve_cfg):
+    """A second application on the module's Serve instance (same proxy), under /<name>, with its own limits."""
+    from ray import serve
+
+    from tgan_ray.serve import build_app
+
+    cfg = Config.model_validate({"serve": {"cpus_per_replica": 0.25, "max_batch_size": 1, **serve_cfg}})
+    serve.run(build_app(str(tiny_model), cfg), name=name, route_prefix=f"/{name}", blocking=False)
+    return name
+
+
+def test_overload_is_refused_with_503_and_retry_after(endpoint, tiny_model):
+    from ray import serve
+
+    # One request in the replica, one queued: the rest of a burst is refused at once, none waits unbounded.
+    name = _side_app(tiny_model, "tight", max_ongoing_requests=1, max_queued_requests=1, retry_after_s=3)
+    frames = [_frame(seed=500 + i, size=256)[0] for i in range(12)]
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=f"{endpoint}/{name}", timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/segment", content=f) for f in frames))
+
+    try:
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        for r in responses:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "3" and "max_queued_requests" in r.text, r.text
+                assert "\n" not in r.text.strip()
+        with httpx.Client(base_url=f"{endpoint}/{name}", timeout=120) as c:  # the replica is fine after
+            assert c.get("/v1/healthz").status_code == 200
+            assert c.post("/v1/segment", content=frames[0]).status_code == 200
+    finally:
+        serve.delete(name)
+
+
+def test_request_past_its_deadline_gets_504_and_the_replica_lives(endpoint, tiny_model):
+    from ray import serve
+
+    # 1 ms: no 512 px frame is decoded, tiled, segmented and measured that fast.
+    name = _side_app(tiny_model, "deadline", request_timeout_s=0.001, retry_after_s=1)
+    png = _frame(seed=600, size=512)[0]
+    try:
+        with httpx.Client(base_url=f"{endpoint}/{name}", timeout=120) as c:
+            replica = c.get("/v1/healthz").json()["replica"]
+            for request in ({"content": png}, {"files": {"file": ("f.png", png)}}):
+                r = c.post("/v1/segment", **request)
+                assert r.status_code == 504, r.text
+                detail = r.json()["detail"]
+                assert "serve.request_timeout_s=0.001" in detail and "\n" not in detail
+                assert r.headers["retry-after"] == "1"
+            health = c.get("/v1/healthz")
+            assert health.status_code == 200 and health.json()["replica"] == replica
+    finally:
+        serve.delete(name)
+
+
+def test_queue_and_deadline_settings_reach_serve(tiny_model):
+    from tgan_ray.serve import deployment_options, proxy_timeout_s
+
+    cfg = Config.model_validate(
+        {"serve": {"max_queued_requests": 5, "retry_after_s": 4, "request_timeout_s": 10}}
+    )
+    options = deployment_options(cfg)
+    assert options["max_queued_requests"] == 5
+    assert (
+        options["backpressure_config"].retry_after_s == 4
+        and options["backpressure_config"].status_code == 503
+    )
+    assert proxy_timeout_s(cfg) > 10
+    with pytest.raises(ValueError, match="max_queued_requests=0"):
+        Config.model_validate({"serve": {"max_queued_requests": 0}})
 
 
 # ---------------------------------------------------------------------------------------------- model URIs

@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tgan_ray.watch import PARTICLES_CSV, _is_candidate, segment_url, watch_folder
+from tgan_ray.watch import PARTICLES_CSV, _is_candidate, retry_after_s, segment_url, watch_folder
 
 INTERVAL = 0.2
 
@@ -42,12 +43,29 @@ def _disc_png(seed: int, size: int = 64) -> bytes:
     return buffer.getvalue()
 
 
+def _upload(body: bytes, content_type: str) -> tuple[str, bytes]:
+    """The ``file`` field of a multipart body, parsed by python-multipart (as Starlette does in the service)."""
+    from python_multipart import parse_form
+
+    files = {}
+
+    def on_file(f):
+        f.file_object.seek(0)
+        files[f.field_name.decode()] = (f.file_name.decode(), f.file_object.read())
+
+    headers = {"Content-Type": content_type.encode(), "Content-Length": str(len(body)).encode()}
+    parse_form(headers, io.BytesIO(body), None, on_file)
+    return files["file"]
+
+
 class StandIn:
     """A threaded HTTP server answering POST /v1/segment like the service does (JSON particles, 400 on junk)."""
 
-    def __init__(self, port: int, fail_first: int = 0):
+    def __init__(self, port: int, fail_first: int = 0, retry_after: str | None = None):
         self.received: list[tuple[str, str]] = []  # (file name, sha256 of the bytes)
         self.fail_first = fail_first
+        self.retry_after = retry_after  # the Retry-After header of those 503s
+        self.refused = 0
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +77,8 @@ class StandIn:
                 status, payload = stand_in.answer(body, self.headers.get("content-type", ""))
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                if status == 503 and stand_in.retry_after is not None:
+                    self.send_header("retry-after", stand_in.retry_after)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
@@ -72,12 +92,12 @@ class StandIn:
     def answer(self, body: bytes, content_type: str):
         from tgan_ray.analysis import measure_particles, psd_summary
         from tgan_ray.io import ImageReadError, decode_image
-        from tgan_ray.serve import parse_multipart
 
         if self.fail_first > 0:
             self.fail_first -= 1
+            self.refused += 1
             return 503, {"detail": "replica starting"}
-        name, data = parse_multipart(body, content_type)["file"]
+        name, data = _upload(body, content_type)
         self.received.append((name, hashlib.sha256(data).hexdigest()))
         try:
             image = decode_image(data, name)
@@ -196,6 +216,47 @@ def test_frames_wait_while_the_endpoint_is_down(tmp_path):
     result = box["result"]
     assert result.sent == ["f0.png", "f1.png", "f2.png"] and result.retries >= 3
     assert sorted(server.received) == sorted((n, _sha(d)) for n, d in frames.items())
+
+
+def test_503_with_retry_after_is_honoured_and_no_frame_is_lost(tmp_path):
+    folder, out = tmp_path / "microscope", tmp_path / "live"
+    folder.mkdir()
+    frames = {f"g{i}.png": _disc_png(40 + i) for i in range(4)}
+    for name, data in frames.items():
+        (folder / name).write_bytes(data)
+        time.sleep(0.02)
+    server = StandIn(_free_port(), fail_first=3, retry_after="1")  # overloaded: "come back in 1 s", 3 times
+    messages: list[str] = []
+    try:
+        result = watch_folder(
+            folder,
+            f"http://127.0.0.1:{server.server.server_port}",
+            out,
+            interval=0.05,
+            max_files=4,
+            stop_after_s=60,
+            retry_initial_s=0.05,  # far below the server's Retry-After: the header sets the wait
+            retry_max_s=5,
+            log=messages.append,
+        )
+    finally:
+        server.close()
+    assert result.sent == list(frames) and not result.rejected and not result.pending
+    assert result.retries == 3 == server.refused
+    waits = [m for m in messages if "retrying" in m]
+    assert len(waits) == 3 and all("in 1.0 s (the server's Retry-After)" in m for m in waits), waits
+    assert sorted(server.received) == sorted((n, _sha(d)) for n, d in frames.items())  # each once, complete
+    table = pd.read_csv(out / PARTICLES_CSV)
+    assert set(table.file) == set(frames) and table.frame_index.nunique() == 4
+
+
+def test_retry_after_header_values():
+    from email.utils import format_datetime
+
+    assert retry_after_s("7") == 7.0 and retry_after_s(None) is None and retry_after_s("soon") is None
+    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 20 < retry_after_s(later) <= 30
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: now
 
 
 def test_a_rejected_file_is_resent_once_it_changes(tmp_path, stand_in):

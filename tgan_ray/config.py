@@ -273,6 +273,27 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(32, ge=1, description="Concurrent requests per replica.")
     max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="Largest upload accepted (413 above).")
     max_pixels: int = Field(2**26, ge=1024, description="Largest decoded image, px (413 above: bomb guard).")
+    max_queued_requests: int = Field(
+        16,
+        ge=-1,
+        description="Requests waiting for a replica once every replica holds max_ongoing_requests; more are "
+        "refused with 503 + Retry-After (-1: no bound, which lets an overloaded server queue for ever).",
+    )
+    retry_after_s: float = Field(
+        2.0, ge=0, description="Retry-After (s, rounded up) sent with a 503 refusal or a 504 past the deadline."
+    )
+    request_timeout_s: float = Field(
+        90.0,
+        gt=0,
+        description="Deadline of one request in the replica (504 with a JSON detail after it); the HTTP proxy "
+        "cuts the request (408) a little later, which also bounds time spent queued before a replica.",
+    )
+
+    @model_validator(mode="after")
+    def _check_queue(self) -> ServeConfig:
+        if self.max_queued_requests == 0:
+            raise ValueError("serve.max_queued_requests=0 would refuse every request: use -1 (no bound) or >= 1")
+        return self
 
 
 class RunConfig(_Section):

@@ -8,40 +8,55 @@ Concurrent requests are grouped by ``@serve.batch``: the tiles of every frame in
 in one forward pass (the sliding window of :mod:`tgan_ray.data.tiling` cuts big frames into tiles first).
 Replicas, autoscaling bounds, CPUs/GPUs per replica, batch size and upload limits come from ``cfg.serve``.
 
-Safety: a request can never kill a replica (every failure becomes a one-line JSON error); uploads are decoded from
-memory, so nothing a client sends reaches a file path; checkpoints load without unpickling objects.
+Overload: each replica holds at most ``serve.max_ongoing_requests``; beyond that Serve's proxy queues
+``serve.max_queued_requests`` and refuses the rest at once with 503 and ``Retry-After: serve.retry_after_s``
+(Serve's own backpressure response, a one-line text body). A request not answered within
+``serve.request_timeout_s`` gets 504 with a JSON detail (:mod:`tgan_ray.serve_requests`); the proxy cuts any
+request (408) a little after that, time spent queued included. Nothing waits without bound.
+
+Safety: a request can never kill a replica (every failure becomes a one-line JSON error); multipart uploads are
+parsed by Starlette (python-multipart) into an ``UploadFile`` (memory, or an anonymous temporary file over 1 MB),
+so nothing a client sends reaches a path it names; checkpoints load without unpickling objects.
 """
 
 # No `from __future__ import annotations`: Serve's class-based FastAPI views resolve the route annotations
-# (Request, Query) at run time, from a module other than this one.
+# (Request, Query, UploadFile) at run time, from a module other than this one.
 
 import asyncio
-import io
-import json
 import logging
-import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from email.message import Message
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 from ray import serve
+from ray.serve.config import BackpressureConfig
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tgan_ray.config import Config
+from tgan_ray.config import Config, ServeConfig
 from tgan_ray.model_uri import ModelSource, _tracking_uri, resolve_model, resolve_model_uri
+from tgan_ray.serve_requests import (
+    ErrorBody,
+    ModelInfo,
+    RequestError,
+    SegmentResult,
+    UploadGuard,
+    bad_parameters,
+    error_response,
+    http_error,
+    json_records,
+    mask_png,
+    safe_name,
+)
 
 __all__ = [
     "ModelSource",
     "SegmentationService",
     "build_app",
     "deployment_options",
-    "parse_multipart",
     "resolve_model",
     "resolve_model_uri",
     "serve_model",
@@ -52,162 +67,12 @@ _log = logging.getLogger("tgan_ray.serve")
 API_PREFIX = "/v1"
 MASK_THRESHOLD = 0.5  # particle probability above which a pixel is a particle (as in Segmenter.segment)
 MAX_TILES_PER_PASS = 64  # tiles per forward pass: bounds GPU memory when a batch holds several big frames
-_READ_CHUNK = 1 << 20
-
-
-# ---------------------------------------------------------------------------------------------- requests
-
-
-class RequestError(Exception):
-    """A bad request: ``status`` is the HTTP status, the message one line for the client."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def _error(status: int, reason: str) -> JSONResponse:
-    return JSONResponse({"detail": " ".join(str(reason).split())[:300]}, status_code=status)
-
-
-def _safe_name(name: str | None) -> str:
-    """A display name for messages and the table; only its extension ever steers decoding."""
-    base = os.path.basename(str(name or "").replace("\\", "/"))
-    base = "".join(c for c in base if c.isprintable())[:120]
-    return base or "upload"
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes without reading them all."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise RequestError(400, f"bad Content-Length header {declared[:40]!r}")
-        if int(declared) > limit:
-            raise RequestError(413, f"upload of {int(declared)} bytes exceeds serve.max_upload_bytes={limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:  # chunked uploads carry no Content-Length: count what arrives
-            raise RequestError(413, f"upload exceeds serve.max_upload_bytes={limit}")
-    return bytes(body)
-
-
-def _header_params(value: str, header: str) -> Message:
-    msg = Message()
-    msg[header] = value
-    return msg
-
-
-def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
-    """Split a ``multipart/form-data`` body (RFC 7578) into ``{field: (filename, content)}``.
-
-    Hand-written on purpose: Starlette's form parser needs the python-multipart package, which is not a
-    dependency, and the stdlib ``email`` parser is ~100x slower on binary uploads. The body is already
-    size-limited, so a split on the boundary is both simple and linear.
-    """
-    boundary = _header_params(content_type, "content-type").get_param("boundary")
-    if not boundary or not isinstance(boundary, str):
-        raise RequestError(400, "multipart/form-data body without a boundary parameter")
-    fields: dict[str, tuple[str | None, bytes]] = {}
-    chunks = body.split(b"--" + boundary.encode("latin-1"))
-    if len(chunks) < 3:
-        raise RequestError(400, "malformed multipart body (no closing boundary)")
-    for chunk in chunks[1:-1]:
-        head, sep, content = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            raise RequestError(400, "malformed multipart body (a part has no header block)")
-        disposition = ""
-        for line in head.decode("latin-1").split("\r\n"):
-            key, _, value = line.partition(":")
-            if key.strip().lower() == "content-disposition":
-                disposition = value.strip()
-        params = _header_params(disposition, "content-disposition")
-        name = params.get_param("name", header="content-disposition")
-        if isinstance(name, str):
-            fields[name] = (params.get_filename(), content[:-2] if content.endswith(b"\r\n") else content)
-    return fields
-
-
-def _pixel_size(value: Any, where: str) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        size = float(value)
-    except (TypeError, ValueError):
-        raise RequestError(
-            400, f"{where} must be a number of nm per pixel, got {str(value)[:40]!r}"
-        ) from None
-    if not (math.isfinite(size) and size > 0):
-        raise RequestError(400, f"{where} must be a positive number of nm per pixel, got {value!r}")
-    return size
-
-
-def _json_records(df) -> list[dict[str, Any]]:
-    # pandas' own writer turns NaN into null and numpy scalars into JSON numbers in one C pass.
-    return json.loads(df.to_json(orient="records"))
-
-
-def _mask_png(mask: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------- the service
 
-_UPLOAD_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "file": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "PNG, JPEG, TIFF, DM3/DM4 or EMD",
-                    },
-                    "pixel_size_nm": {"type": "number", "description": "nm per pixel (overrides the file's)"},
-                },
-            }
-        },
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    },
-}
 
-
-class ModelInfo(BaseModel):
-    name: str
-    version: str
-    uri: str
-    run_id: str | None = None
-    training_run: str | None = None
-    arch: str
-    tile_size: int
-    resize_mode: str
-    device: str
-    meta: dict[str, Any] = {}
-
-
-class SegmentResult(BaseModel):
-    image: str
-    shape: list[int]
-    pixel_size_nm: float | None
-    pixel_size_from: str
-    particles: list[dict[str, Any]]
-    summary: dict[str, Any]
-    model: dict[str, str]
-    timing_ms: dict[str, float]
-    batch_size: int
-
-
-class ErrorBody(BaseModel):
-    detail: str
+_RAW_BODY = {"schema": {"type": "string", "format": "binary", "description": "the image file's bytes"}}
 
 
 app = FastAPI(
@@ -217,12 +82,18 @@ app = FastAPI(
 )
 
 
-@app.exception_handler(RequestValidationError)
-async def _bad_parameters(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI answers 422 with a nested list; clients here get 400 and one line naming the parameter.
-    first = exc.errors()[0] if exc.errors() else {"loc": ("request",), "msg": "invalid"}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "query") or "request"
-    return _error(400, f"{where}: {first.get('msg', 'invalid')}")
+def _replica_limits() -> tuple[int, float, float]:
+    """This replica's upload limit, deadline and Retry-After (the defaults outside a Serve replica)."""
+    try:
+        s = serve.get_replica_context().servable_object.cfg.serve
+    except Exception:  # noqa: BLE001 - not in a replica (yet)
+        s = ServeConfig()
+    return s.max_upload_bytes, s.request_timeout_s, s.retry_after_s
+
+
+app.add_middleware(UploadGuard, limits=_replica_limits, path_suffix=f"{API_PREFIX}/segment")
+app.add_exception_handler(RequestValidationError, bad_parameters)
+app.add_exception_handler(StarletteHTTPException, http_error)
 
 
 @serve.deployment(name="SegmentationService")
@@ -316,25 +187,25 @@ class SegmentationService:
         from tgan_ray.analysis import measure_particles, psd_summary
 
         df = measure_particles(mask, name, pixel_size_nm)
-        return _json_records(df), psd_summary(df, images=[name])
+        return json_records(df), psd_summary(df, images=[name])
 
     async def _segment(
-        self, request: Request, pixel_size_nm: float | None, want_mask: bool, filename: str | None
+        self,
+        request: Request,
+        upload: UploadFile | None,
+        pixel_size_nm: float | None,
+        want_mask: bool,
+        filename: str | None,
     ):
         t0 = time.perf_counter()
-        body = await _read_body(request, self.cfg.serve.max_upload_bytes)
-        content_type = request.headers.get("content-type", "")
-        name = _safe_name(filename)
-        if content_type.lower().startswith("multipart/form-data"):
-            fields = parse_multipart(body, content_type)
-            if "file" not in fields:
+        name = safe_name(filename)
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            if upload is None:  # Starlette parsed the form already; the body is spent
                 raise RequestError(400, "multipart upload has no 'file' field")
-            upload_name, body = fields["file"]
-            name = _safe_name(upload_name or filename)
-            if pixel_size_nm is None and "pixel_size_nm" in fields:
-                pixel_size_nm = _pixel_size(
-                    fields["pixel_size_nm"][1].decode("latin-1").strip(), "pixel_size_nm"
-                )
+            body = await upload.read()
+            name = safe_name(upload.filename or filename)
+        else:  # the raw body is the image (UploadGuard has counted it against serve.max_upload_bytes)
+            body = b"".join([chunk async for chunk in request.stream()])
         if not body:
             raise RequestError(400, "empty upload: send the image as the 'file' field or as the raw body")
         image, tiles, tilemap = await asyncio.to_thread(self._prepare, body, name)
@@ -344,7 +215,7 @@ class SegmentationService:
         mask = await asyncio.to_thread(self._to_mask, probs, tilemap, image.shape)
         if want_mask:
             headers = {"X-Model-Version": self.source.version, "X-Inference-Ms": f"{(t2 - t1) * 1e3:.1f}"}
-            return Response(await asyncio.to_thread(_mask_png, mask), media_type="image/png", headers=headers)
+            return Response(await asyncio.to_thread(mask_png, mask), media_type="image/png", headers=headers)
         # Pixel size: the request's, else the config's override, else the file's calibration, else px.
         candidates = (
             (pixel_size_nm, "request"),
@@ -376,7 +247,8 @@ class SegmentationService:
     # -- routes -----------------------------------------------------------------------------------------------
     @app.post(
         f"{API_PREFIX}/segment",
-        openapi_extra={"requestBody": _UPLOAD_BODY},
+        # FastAPI documents the multipart form from the File/Form parameters; the raw body is added here.
+        openapi_extra={"requestBody": {"content": {"application/octet-stream": _RAW_BODY}}},
         response_model=SegmentResult,
         responses={
             200: {"content": {"image/png": {}}, "description": "JSON result, or the mask with ?mask=png"},
@@ -386,11 +258,17 @@ class SegmentationService:
                 "description": "too many bytes or pixels (serve.max_upload_bytes/max_pixels)",
             },
             415: {"model": ErrorBody, "description": "unsupported format"},
+            503: {"description": "overloaded (serve.max_queued_requests): retry after Retry-After seconds"},
+            504: {"model": ErrorBody, "description": "not answered within serve.request_timeout_s"},
         },
     )
     async def segment(
         self,
         request: Request,
+        file: UploadFile | None = File(None, description="PNG, JPEG, TIFF, DM3/DM4 or EMD"),
+        form_pixel_size_nm: float | None = Form(
+            None, alias="pixel_size_nm", gt=0, description="nm per pixel (overrides the file's)"
+        ),
         pixel_size_nm: float | None = Query(None, gt=0, description="nm per pixel; overrides the file's"),
         mask: Literal["png"] | None = Query(None, description="'png': return the binary mask as a PNG"),
         filename: str | None = Query(
@@ -398,13 +276,14 @@ class SegmentationService:
         ),
     ):
         """Segment one micrograph (multipart field ``file`` or the raw body)."""
+        size = pixel_size_nm if pixel_size_nm is not None else form_pixel_size_nm
         try:
-            return await self._segment(request, pixel_size_nm, mask == "png", filename)
+            return await self._segment(request, file, size, mask == "png", filename)
         except RequestError as exc:
-            return _error(exc.status, exc.reason)
+            return error_response(exc.status, exc.reason)
         except Exception as exc:  # noqa: BLE001 - nothing a request does may take the replica down
             _log.exception("segment request failed")
-            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+            return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
     @app.get(f"{API_PREFIX}/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -438,6 +317,10 @@ def deployment_options(cfg: Config, gpus_available: float | None = None) -> dict
         "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": gpus},
         # A batch can only fill if that many requests may be in the replica at once.
         "max_ongoing_requests": max(s.max_ongoing_requests, s.max_batch_size),
+        # Past that, the proxy queues this many and refuses the rest with 503. Since Ray 2.60 Serve's own
+        # refusal carries Retry-After (BackpressureConfig), so no middleware of ours has to add it.
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s),
     }
     if s.min_replicas == s.max_replicas:  # num_replicas and autoscaling_config exclude each other
         options["num_replicas"] = s.max_replicas
@@ -448,6 +331,12 @@ def deployment_options(cfg: Config, gpus_available: float | None = None) -> dict
             "target_ongoing_requests": s.target_ongoing_requests,
         }
     return options
+
+
+def proxy_timeout_s(cfg: Config) -> float:
+    """The HTTP proxy's end-to-end cut-off (408): a little after the replica's own deadline (504, JSON), so the
+    replica answers first when it has the request, and a request stuck queued before any replica is still cut."""
+    return round(cfg.serve.request_timeout_s * 1.1 + 2.0, 3)
 
 
 def build_app(model_uri: str, cfg: Config, gpus_available: float | None = None, **service_kwargs):
@@ -482,7 +371,13 @@ def serve_model(model: str, cfg: Config, blocking: bool = True, name: str = "tga
     from tgan_ray.runtime import init_ray
 
     ray = init_ray(cfg.ray)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(
+        http_options={
+            "host": cfg.serve.host,
+            "port": cfg.serve.port,
+            "request_timeout_s": proxy_timeout_s(cfg),
+        }
+    )
     gpus = ray.cluster_resources().get("GPU", 0.0)
     serve.run(build_app(uri, cfg, gpus_available=gpus), name=name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host

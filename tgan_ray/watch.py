@@ -16,7 +16,8 @@ once it is fully written: its size and mtime are the same on two polls in a row,
   frames.
 
 While the endpoint is down or overloaded (connection errors, timeouts, 5xx, 429), frames wait in order and are
-retried with capped exponential backoff: none is lost. A frame the endpoint refuses (4xx: not an image,
+retried with capped exponential backoff: none is lost. An overloaded server's ``Retry-After`` (seconds or an
+HTTP date, as Serve sends with its 503) is honoured: the next attempt waits at least that long, up to the cap. A frame the endpoint refuses (4xx: not an image,
 too large) is recorded as rejected with its reason and not retried.
 """
 
@@ -39,7 +40,7 @@ import pandas as pd
 from tgan_ray.analysis.particles import PARTICLE_COLUMNS
 from tgan_ray.io.readers import SUPPORTED_EXTENSIONS
 
-__all__ = ["WatchResult", "segment_url", "watch_folder"]
+__all__ = ["WatchResult", "retry_after_s", "segment_url", "watch_folder"]
 
 _log = logging.getLogger("tgan_ray.watch")
 
@@ -77,7 +78,30 @@ class WatchResult:
 
 
 class _Retry(Exception):
-    """The endpoint could not take the frame now; try again later."""
+    """The endpoint could not take the frame now; try again later (``after_s``: the server's Retry-After)."""
+
+    def __init__(self, reason: str, after_s: float | None = None):
+        super().__init__(reason)
+        self.after_s = after_s
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """A ``Retry-After`` header (RFC 9110: delay-seconds or an HTTP date) as seconds from now; None if absent
+    or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 class _Rejected(Exception):
@@ -296,7 +320,7 @@ def _send(client, url: str, path: Path, rel: str, data: bytes, pixel_size_nm: fl
     except httpx.TransportError as exc:  # refused, reset, timeout, DNS: the endpoint is not there (yet)
         raise _Retry(f"{type(exc).__name__}: {exc}") from None
     if response.status_code in _RETRY_STATUSES:
-        raise _Retry(f"HTTP {response.status_code}")
+        raise _Retry(f"HTTP {response.status_code}", retry_after_s(response.headers.get("retry-after")))
     try:
         body = response.json()
     except ValueError:
@@ -372,9 +396,12 @@ class _Watcher:
             response = _send(client, self.url, path, rel, data, pixel_size_nm)
         except _Retry as exc:
             self.backoff = min(max(self.backoff * 2, retry[0]), retry[1])
-            self.next_attempt = time.monotonic() + self.backoff
+            wait, why = self.backoff, ""
+            if exc.after_s is not None and exc.after_s > wait:  # the server knows best, within our cap
+                wait, why = min(exc.after_s, retry[1]), " (the server's Retry-After)"
+            self.next_attempt = time.monotonic() + wait
             self.result.retries += 1
-            self.say(f"endpoint unavailable ({exc}); retrying {rel} in {self.backoff:.1f} s")
+            self.say(f"endpoint unavailable ({exc}); retrying {rel} in {wait:.1f} s{why}")
             return False
         except _Rejected as exc:
             self.session.reject(rel, st, str(exc))
