@@ -86,6 +86,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def service_config(
+    replicas: int, cpus: float, gpus: float, max_batch_size: int, batch_wait_s: float, concurrency: int
+):
+    """The config of a local endpoint on a free loopback port, with fixed replicas (no autoscaling)."""
+    from tgan_ray.config import Config
+
+    return Config.model_validate(
+        {
+            "serve": {
+                "port": _free_port(),
+                "min_replicas": replicas,
+                "max_replicas": replicas,
+                "cpus_per_replica": cpus,
+                "gpus_per_replica": gpus,
+                "max_batch_size": max_batch_size,
+                "batch_wait_timeout_s": batch_wait_s,
+                "max_ongoing_requests": max(concurrency, max_batch_size),
+            }
+        }
+    )
+
+
 def _check_loopback(url: str) -> None:
     host = urlsplit(url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -188,26 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import torch
 
-        from tgan_ray.config import Config
         from tgan_ray.serve import serve_model
 
         gpus = (
             args.gpus_per_replica if args.gpus_per_replica is not None else float(torch.cuda.is_available())
         )
         model = args.model or str(build_model(args.arch, Path(tmp.name)))
-        cfg = Config.model_validate(
-            {
-                "serve": {
-                    "port": _free_port(),
-                    "min_replicas": args.replicas,
-                    "max_replicas": args.replicas,
-                    "cpus_per_replica": args.cpus_per_replica,
-                    "gpus_per_replica": gpus,
-                    "max_batch_size": args.max_batch_size,
-                    "batch_wait_timeout_s": args.batch_wait_s,
-                    "max_ongoing_requests": max(args.concurrency, args.max_batch_size),
-                }
-            }
+        cfg = service_config(
+            args.replicas,
+            args.cpus_per_replica,
+            gpus,
+            args.max_batch_size,
+            args.batch_wait_s,
+            args.concurrency,
         )
         import ray
 
