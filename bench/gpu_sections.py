@@ -145,7 +145,10 @@ def section_train(ctx: Context, rec: dict) -> None:
         "augmentation, in the worker process (data.num_loader_workers is not wired to the stages yet)"
     )
     for stage in batches:
-        row = {"stage": STAGE_LABELS[stage], "batch": batches[stage]}
+        row = {
+            "stage": STAGE_LABELS[stage] + (" [quick-preset nets]" if ctx.smoke else ""),
+            "batch": batches[stage],
+        }
         row["goal"] = f"≥ {TRAIN_GOALS[stage]} img/s, Ray ≥ {RAY_OVER_PLAIN_GOAL}x plain"
         rec["rows"].append(row)
         row["plain_img_s"] = tt.plain_loop(stage, cfg, data, steps, device, bf16=ctx.cuda)
@@ -285,6 +288,9 @@ def paper_config(ctx: Context):
             decay = e["run"] // 3
             overrides[f"{stage}.epochs"], overrides[f"{stage}.epochs_decay"] = e["run"] - decay, decay
             overrides[f"{stage}.eval_every"] = min(getattr(base, stage).eval_every, e["run"])
+    import yaml
+
+    overrides.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in ctx.args.paper_set)})
     return load_config(ctx.args.paper_preset, overrides=overrides), epochs
 
 
@@ -299,6 +305,7 @@ def section_paper(ctx: Context, rec: dict) -> None:
         "reference": stack.reference,
         "preset": "quick, toy epochs (smoke test)" if ctx.smoke else ctx.args.paper_preset,
         "epochs": epochs,
+        "overrides": ", ".join(ctx.args.paper_set) or "none",
     }
     if epochs and any(e["run"] < e["paper"] for e in epochs.values()):
         rec["notes"].append(

@@ -121,6 +121,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Training time the paper epochs are cut to, s.",
     )
     g.add_argument(
+        "--paper-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Config override of section 3, after the epoch cut (repeatable), e.g. prior.n_masks=500.",
+    )
+    g.add_argument(
         "--box-iou", type=float, default=0.3, help="Box IoU that counts as a detection (boxes reference)."
     )
     g.add_argument("--serve-size", type=int, default=1024, help="Frame side sent to Serve, px.")
@@ -150,6 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--section-seconds {args.section_seconds!r}: use name=seconds,name=seconds")
     if unknown := sorted(set(args.section_seconds) - set(SECTIONS)):
         p.error(f"--section-seconds: unknown {unknown}; choose from {list(SECTIONS)}")
+    if bad := [kv for kv in args.paper_set if "=" not in kv]:
+        p.error(f"--paper-set {bad[0]!r}: use key=value, e.g. prior.n_masks=500")
     if args.data is not None and args.prep_data is None and not args.data.is_dir():
         p.error(f"--data {args.data}: no such folder (prepare it with --prep-data ../shared/data)")
     return args
@@ -328,7 +337,8 @@ def main(argv=None) -> int:
     if not cuda and not args.smoke_test:
         print("error: no CUDA device here; use --smoke-test on a CPU", file=sys.stderr)
         return 2
-    data = args.data or (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
+    # the smoke test takes real frames only when --data names them; otherwise a tiny synthetic stack
+    data = args.data or (DEFAULT_DATA if DEFAULT_DATA.is_dir() and not args.smoke_test else None)
     if data is None and not args.smoke_test and "paper" in args.sections:
         print(
             f"error: no --data and no {DEFAULT_DATA}: run --prep-data ../shared/data first", file=sys.stderr

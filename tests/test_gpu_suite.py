@@ -108,3 +108,29 @@ def test_missing_data_folder_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu_suite.parse_args(["--data", str(tmp_path / "nope")])
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_paper_epochs_are_cut_to_the_training_budget_and_said(tmp_path):
+    args = gpu_suite.parse_args(["--paper-train-seconds", "110", "--paper-set", "prior.n_masks=500"])
+    ctx = gpu_suite.gs.Context(args, False, True, tmp_path, tmp_path, tmp_path)
+    cfg, epochs = gpu_suite.gs.paper_config(ctx)
+    assert set(epochs) == {"pix2pix", "cyclegan", "segmenter"}
+    for stage, e in epochs.items():
+        assert 1 <= e["run"] < e["paper"] == 150, stage
+    assert cfg.pix2pix.epochs + cfg.pix2pix.epochs_decay == epochs["pix2pix"]["run"]
+    assert cfg.pix2pix.epochs_decay == epochs["pix2pix"]["run"] // 3  # the paper's 2:1 split kept
+    assert cfg.segmenter.epochs == epochs["segmenter"]["run"]
+    assert cfg.prior.n_masks == 500 and cfg.data.image_size == 512 and not cfg.tracking.enabled
+
+
+def test_prep_data_copies_the_stack_the_suite_reads(tmp_path):
+    shared = gpu_suite.gs.ROOT.parent / "shared" / "data"
+    if not (shared / "stem-catalysts").is_dir():
+        pytest.skip("no ../shared/data here")
+    copied = gpu_suite.prep_data(shared, tmp_path / "data", "PtW")
+    assert len(copied) == 12  # 6 frames and their box files
+    args = gpu_suite.parse_args(["--data", str(tmp_path / "data")])
+    stack = gpu_suite.gs.pick_stack(
+        gpu_suite.gs.Context(args, False, True, tmp_path, tmp_path, tmp_path / "data")
+    )
+    assert stack.name == "PtW" and len(stack.frames) == 6 and all(f.exists() for f in stack.frames)
