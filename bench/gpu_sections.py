@@ -400,7 +400,9 @@ def section_serve(ctx: Context, rec: dict) -> None:
                     "p50": r["latency_ms"]["p50"],
                     "p99": r["latency_ms"]["p99"],
                     "rps": r["throughput_rps"],
-                    "server": f"{med['inference']} / {med['analysis']}",
+                    "server": " / ".join(
+                        "–" if med[k] is None else f"{med[k]:.1f}" for k in ("inference", "analysis")
+                    ),
                     "goal": goal,
                     "first_errors": r["first_errors"],
                 }

@@ -301,7 +301,7 @@ def to_markdown(report: dict) -> str:
             "",
             f"status: {rec['status']}; {rec.get('seconds', 0):.0f} s of {rec['budget_s']:.0f} s",
         ]
-        setup = {k: v for k, v in rec.get("setup", {}).items() if not isinstance(v, dict)}
+        setup = {k: v for k, v in rec.get("setup", {}).items() if v is not None and not isinstance(v, dict)}
         if setup:
             lines.append("; ".join(f"{k}: {v}" for k, v in setup.items()))
         lines += [f"- {n}" for n in rec["notes"]]
