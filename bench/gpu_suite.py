@@ -250,28 +250,28 @@ def run_section(
     ctx.section_deadline = start + allotted
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, allotted)
+    error = None
     try:
         fn(ctx, rec)
-        rec["status"] = "ok"
     except SectionTimeout:
+        error = "timeout"
+    except Exception as exc:  # noqa: BLE001 - a broken section is recorded, the suite goes on
+        # the deadline can reach us wrapped (Ray turns it into a SystemError) or as pytest's timeout
+        error = "timeout" if _timed_out or isinstance(exc, subprocess.TimeoutExpired) else exc
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # disarmed before any clean-up
+        signal.signal(signal.SIGALRM, previous)
+    if error is None:
+        rec["status"] = "ok"
+    elif error == "timeout":
         rec["status"] = "skipped: out of time"
         rec["notes"].append(f"stopped at its {allotted:.0f} s deadline; rows measured before it are kept")
         _cleanup_ray()
-    except Exception as exc:  # noqa: BLE001 - a broken section is recorded, the suite goes on
-        if _timed_out or isinstance(
-            exc, subprocess.TimeoutExpired
-        ):  # the deadline, seen through Ray or pytest
-            rec["status"] = "skipped: out of time"
-            rec["notes"].append(f"stopped at its {allotted:.0f} s deadline ({type(exc).__name__})")
-            _cleanup_ray()
-            rec["seconds"] = round(time.monotonic() - start, 1)
-            return rec
-        rec["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-        rec["traceback"] = traceback.format_exc()[-3000:]
+    else:
+        text = str(error).splitlines()[0] if str(error) else ""
+        rec["status"] = f"failed: {type(error).__name__}: {text}"[:300]
+        rec["traceback"] = "".join(traceback.format_exception(error))[-3000:]
         _cleanup_ray()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
     rec["seconds"] = round(time.monotonic() - start, 1)
     return rec
 
