@@ -34,14 +34,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts, imported as modules
 
+import gpu_checks  # noqa: E402
 import gpu_sections as gs  # noqa: E402
 
 SECTIONS = {  # name: (title, function, default seconds)
     "train": ("Training throughput: Ray Train vs plain PyTorch", gs.section_train, 150),
     "data": ("Batch segmentation: Ray Data vs a plain loop", gs.section_data, 75),
     "paper": ("The paper preset end to end on a real stack", gs.section_paper, 190),
-    "serve": ("Ray Serve: one frame, then a bounded load test", gs.section_serve, 60),
-    "tests": ("Correctness: the gpu-marked tests", gs.section_tests, 50),
+    "serve": ("Ray Serve: one frame, then a bounded load test", gpu_checks.section_serve, 60),
+    "tests": ("Correctness: the gpu-marked tests", gpu_checks.section_tests, 50),
 }
 GPU_BUDGET_S = 570.0  # ten minutes, less the device call's own margin
 SMOKE_SLACK = 4.0
