@@ -87,15 +87,16 @@ def _quiet_ray(ctx: Context):
 
     from tgan_ray.runtime import init_ray
 
-    try:
-        ray = init_ray(None, num_cpus=2 if ctx.smoke else None)
-    except Exception as exc:  # noqa: BLE001 - Ray gives a raylet 30 s: on a crowded CPU, try once more
-        if "timed out during startup" not in str(exc):
-            raise
-        import ray
+    for attempt in range(3):  # Ray gives a raylet 30 s to start: on a crowded CPU, try again
+        try:
+            ray = init_ray(None, num_cpus=2 if ctx.smoke else None)
+            break
+        except Exception as exc:  # noqa: BLE001
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            import ray
 
-        ray.shutdown()
-        ray = init_ray(None, num_cpus=2 if ctx.smoke else None)
+            ray.shutdown()
     DataContext.get_current().enable_progress_bars = False
     return ray
 
