@@ -92,6 +92,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def service_config(
+    replicas: int,
+    cpus: float,
+    gpus: float,
+    max_batch_size: int,
+    batch_wait_s: float,
+    concurrency: int,
+    shed: dict | None = None,
+):
+    """The config of a local endpoint on a free loopback port, with fixed replicas (no autoscaling).
+
+    ``shed`` (``max_queued_requests``, ``request_timeout_s``) is the overload test's: each replica then holds one
+    batch, and the proxy's bounded queue refuses the rest with 503.
+    """
+    from tgan_ray.config import Config
+
+    return Config.model_validate(
+        {
+            "serve": {
+                "port": _free_port(),
+                "min_replicas": replicas,
+                "max_replicas": replicas,
+                "cpus_per_replica": cpus,
+                "gpus_per_replica": gpus,
+                "max_batch_size": max_batch_size,
+                "batch_wait_timeout_s": batch_wait_s,
+                "max_ongoing_requests": max_batch_size if shed else max(concurrency, max_batch_size),
+                **(shed or {}),
+            }
+        }
+    )
+
+
 def _check_loopback(url: str) -> None:
     host = urlsplit(url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -298,33 +331,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import torch
 
-        from tgan_ray.config import Config
         from tgan_ray.serve import serve_model
 
         gpus = (
             args.gpus_per_replica if args.gpus_per_replica is not None else float(torch.cuda.is_available())
         )
         model = args.model or str(build_model(args.arch, Path(tmp.name)))
-        cfg = Config.model_validate(
-            {
-                "serve": {
-                    "port": _free_port(),
-                    "min_replicas": args.replicas,
-                    "max_replicas": args.replicas,
-                    "cpus_per_replica": args.cpus_per_replica,
-                    "gpus_per_replica": gpus,
-                    "max_batch_size": args.max_batch_size,
-                    "batch_wait_timeout_s": args.batch_wait_s,
-                    "max_ongoing_requests": args.max_batch_size
-                    if args.overload
-                    else max(args.concurrency, args.max_batch_size),
-                    **(
-                        {"max_queued_requests": args.max_queued, "request_timeout_s": args.request_timeout}
-                        if args.overload
-                        else {}
-                    ),
-                }
-            }
+        cfg = service_config(
+            args.replicas,
+            args.cpus_per_replica,
+            gpus,
+            args.max_batch_size,
+            args.batch_wait_s,
+            args.concurrency,
+            {"max_queued_requests": args.max_queued, "request_timeout_s": args.request_timeout}
+            if args.overload
+            else None,
         )
         import ray
 
