@@ -148,6 +148,10 @@ def test_every_artefact_is_written(finished_run):
 
     _, meta = load_segmenter(out / "round1" / "npssegnet.pt")
     assert meta["data"]["image_size"] == 64
+    # A lean run folder: each finished stage keeps one Ray Train checkpoint, its best model and nothing else.
+    for stage in ("pix2pix", "cyclegan", "segmenter"):
+        kept = sorted((out / "ray" / f"round1-{stage}").glob("checkpoint_*"))
+        assert [sorted(f.name for f in k.iterdir()) for k in kept] == [["model.pt"]], stage
 
     # Step 8 ran through Ray Data's segment_stack: masks at <run>/masks/<stem>.png, its tables in <run>/segment.
     sources = sorted((stack / "images").glob("*.png"))

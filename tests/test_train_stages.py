@@ -144,6 +144,17 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
     assert len(state["starts"]) == 2 and state["starts"][0] == 0 and state["starts"][1] >= 1
     assert state["epoch"] == 4
 
+    # The stage is done: pruning leaves its best model alone, loadable, and frees the rest.
+    from tgan_ray.models.npssegnet import load_segmenter
+    from tgan_ray.train.driver import prune_checkpoints
+
+    best = Path(result.checkpoint_path)
+    assert prune_checkpoints(result.to_dict()) > 0
+    assert list(Path(result.storage_uri).glob("checkpoint_*")) == [best]
+    assert [f.name for f in best.iterdir()] == [CHECKPOINT_MODEL]
+    load_segmenter(str(best / CHECKPOINT_MODEL))
+    assert prune_checkpoints(result.to_dict()) == 0  # idempotent
+
 
 def test_unknown_stage_names_the_choices(tmp_path):
     cfg = _cfg(tmp_path)

@@ -280,7 +280,9 @@ class ServeConfig(_Section):
         "refused with 503 + Retry-After (-1: no bound, which lets an overloaded server queue for ever).",
     )
     retry_after_s: float = Field(
-        2.0, ge=0, description="Retry-After (s, rounded up) sent with a 503 refusal or a 504 past the deadline."
+        2.0,
+        ge=0,
+        description="Retry-After (s, rounded up) sent with a 503 refusal or a 504 past the deadline.",
     )
     request_timeout_s: float = Field(
         90.0,
@@ -292,13 +294,20 @@ class ServeConfig(_Section):
     @model_validator(mode="after")
     def _check_queue(self) -> ServeConfig:
         if self.max_queued_requests == 0:
-            raise ValueError("serve.max_queued_requests=0 would refuse every request: use -1 (no bound) or >= 1")
+            raise ValueError(
+                "serve.max_queued_requests=0 would refuse every request: use -1 (no bound) or >= 1"
+            )
         return self
 
 
 class RunConfig(_Section):
     rounds: int = Field(1, ge=1, description="Adaptation rounds: repeat steps 2-8 with the new segmenter.")
     report_overlays: int = Field(4, ge=0, description="Real images shown with mask overlays in the report.")
+    keep_checkpoints: bool = Field(
+        False,
+        description="Keep every Ray Train checkpoint (optimizer state included) once a stage is done; "
+        "by default only each stage's best model stays (resume never retrains a finished stage).",
+    )
 
 
 class Config(_Section):

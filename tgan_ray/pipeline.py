@@ -109,6 +109,16 @@ class Pipeline:
         self.log(f"== {name}: finished in {time.time() - t0:.1f}s")
         return outputs
 
+    def _trained(self, stage: dict[str, Any]) -> dict[str, Any]:
+        """A training step is recorded done: keep only its best model (``run.keep_checkpoints`` keeps all)."""
+        from tgan_ray.train.driver import prune_checkpoints
+
+        if not self.cfg.run.keep_checkpoints:
+            freed = prune_checkpoints(stage)
+            if freed:
+                self.log(f"   pruned {freed / 2**20:.0f} MB of Ray Train checkpoints (best model kept)")
+        return stage
+
     def _work(self, stem: str) -> np.ndarray:
         return np.load(self.run_dir / "work" / f"{stem}.npy").astype(np.float32)
 
@@ -707,12 +717,12 @@ class Pipeline:
             r = f"round{rnd}"
             rough = self._step(f"{r}/rough", self.step_rough, stack, rnd)
             prior = self._step(f"{r}/prior", self.step_prior, stack, rough, rnd)
-            p2p = self._step(f"{r}/pix2pix", self.step_pix2pix, stack, rough, prior, rnd)
+            p2p = self._trained(self._step(f"{r}/pix2pix", self.step_pix2pix, stack, rough, prior, rnd))
             gen1 = self._step(f"{r}/gen1", self.step_gen, "masks", "gen1", p2p, rnd)
-            cyc = self._step(f"{r}/cyclegan", self.step_cyclegan, stack, gen1, rnd)
+            cyc = self._trained(self._step(f"{r}/cyclegan", self.step_cyclegan, stack, gen1, rnd))
             gen2 = self._step(f"{r}/gen2", self.step_gen, "gen1", "gen2", cyc, rnd, p2p)
             virtual = self._step(f"{r}/virtual", self.step_virtual, stack, prior, gen2, rnd)
-            seg = self._step(f"{r}/segmenter", self.step_segmenter, prior, virtual, rnd)
+            seg = self._trained(self._step(f"{r}/segmenter", self.step_segmenter, prior, virtual, rnd))
         masks = self._step("segment", self.step_segment, stack, seg)
         self._step("selfcheck", self.step_selfcheck, stack, seg)
         report = self._step("report", self.step_report, stack, masks, self.cfg.run.rounds)

@@ -174,3 +174,40 @@ def train_stage(
         latest_checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         extra={"mlflow_run_id": child.run_id},
     )
+
+
+def prune_checkpoints(stage: dict[str, Any]) -> int:
+    """Delete a finished stage's Ray Train checkpoints, all but its best model; returns the bytes freed.
+
+    Once the pipeline records a stage done, a resumed run never trains it again, so the optimizer state and the
+    other checkpoints are dead weight (200 MB per NPsSegNet checkpoint at the cpu preset). The best checkpoint's
+    ``model.pt`` stays, because later steps and ``tgan generate`` read the GANs from it. Ray Train's checkpoint
+    index goes too: a stage run again under this name starts afresh instead of looking for folders that are gone.
+    Local storage only; on S3 a bucket lifecycle rule is the tool for it.
+
+    Args:
+        stage: a :class:`StageResult` as a dict (``checkpoint_path``, ``storage_uri``).
+    """
+    import shutil
+
+    from tgan_ray.io import storage as st
+
+    root, best = stage.get("storage_uri"), stage.get("checkpoint_path")
+    if not root or not best or st.is_s3(root) or not Path(root).is_dir():
+        return 0
+    best_dir = Path(best).resolve()
+    freed = 0
+    for entry in Path(root).iterdir():
+        if entry.is_dir() and entry.name.startswith("checkpoint_"):
+            keep = entry.resolve() == best_dir
+            for f in [
+                p for p in entry.rglob("*") if p.is_file() and not (keep and p.name == CHECKPOINT_MODEL)
+            ]:
+                freed += f.stat().st_size
+                f.unlink()
+            if not keep:
+                shutil.rmtree(entry)
+        elif entry.is_file() and entry.name.startswith("checkpoint_manager_snapshot"):
+            freed += entry.stat().st_size
+            entry.unlink()
+    return freed
