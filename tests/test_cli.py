@@ -123,3 +123,32 @@ def test_generate_and_run_endings_are_lines_and_json_not_reprs(tmp_path):
     assert payload["summary"]["sd"] is None and payload["particles_parquet"] == str(
         tmp_path / "particles.parquet"
     )
+
+
+def test_a_run_that_fails_its_checks_prints_one_line_and_leaves_no_folder(tmp_path):
+    """Checked before Ray and MLflow start: no Ray notice, no run folder, no mlflow.db."""
+    out = tmp_path / "runs" / "r1"
+    missing = CliRunner().invoke(
+        app, ["run", "--images", str(tmp_path / "nope"), "--out", str(out), "--preset", "quick"]
+    )
+    assert missing.exit_code != 0
+    assert missing.output.strip().splitlines() == [f"error: no such folder or file: {tmp_path / 'nope'}"]
+    assert not (tmp_path / "runs").exists()
+
+    (tmp_path / "stack").mkdir()
+    (tmp_path / "stack" / "notes.txt").write_text("not an image")
+    empty = CliRunner().invoke(
+        app, ["run", "--images", str(tmp_path / "stack"), "--out", str(out), "--preset", "quick"]
+    )
+    assert empty.exit_code != 0 and len(empty.output.strip().splitlines()) == 1
+    assert "no EM images" in empty.output and ".txt" in empty.output and not (tmp_path / "runs").exists()
+
+    from PIL import Image
+
+    Image.new("L", (32, 32)).save(tmp_path / "stack" / "a.png")
+    args = ["run", "--images", str(tmp_path / "stack"), "--out", str(out), "--preset", "quick"]
+    seed = CliRunner().invoke(app, [*args, "--seed-model", str(tmp_path / "seg.pt")])
+    assert seed.output.strip().splitlines() == [f"error: seed model not found: {tmp_path / 'seg.pt'}"]
+    (tmp_path / "runs").write_text("a file")
+    not_a_folder = CliRunner().invoke(app, [*args[:3], "--out", str(tmp_path / "runs"), "--preset", "quick"])
+    assert "is a file" in not_a_folder.output and len(not_a_folder.output.strip().splitlines()) == 1

@@ -152,13 +152,18 @@ def run(
         from tgan_ray.tune import tuned_overrides
 
         overrides = {**tuned_overrides(tuned), **overrides}
-    if preset == "auto":
-        from tgan_ray.config import auto_preset
+    from tgan_ray.config import auto_preset
+    from tgan_ray.pipeline import check_inputs
 
-        preset = auto_preset()
-        why = "a GPU is present" if preset == "paper" else "no GPU found; on a GPU it would be paper"
-        typer.echo(f"preset auto: {preset} ({why}; --preset chooses another)", err=as_json)
-    cfg = _config(preset, config, overrides)
+    chosen = auto_preset() if preset == "auto" else preset
+    cfg = _config(chosen, config, overrides)
+    try:
+        check_inputs(images, out, cfg, seed_model)  # before anything starts or is written
+    except _user_errors() as exc:
+        _fail(str(exc))
+    if preset == "auto":
+        why = "a GPU is present" if chosen == "paper" else "no GPU found; on a GPU it would be paper"
+        typer.echo(f"preset auto: {chosen} ({why}; --preset chooses another)", err=as_json)
     _run(images, out, cfg, seed_model, as_json)
 
 

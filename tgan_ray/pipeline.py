@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +74,7 @@ class Pipeline:
         self.manifest = Manifest(self.run_dir)
         self.rng = np.random.default_rng(cfg.data.seed)
         saved = self.manifest.get("config")
-        if saved is not None and saved != config_to_dict(cfg):
-            changed = sorted(k for k, v in flatten_config(cfg).items() if _flat(saved).get(k) != v)
-            raise PipelineError(
-                f"run folder {self.run_dir} was started with a different config ({', '.join(changed[:5])}); "
-                "use a new --out, or the same settings to resume"
-            )
+        _check_same_config(self.run_dir, saved, cfg)
         if saved is None:
             self.manifest.set("config", config_to_dict(cfg))
             self.manifest.set("images", images)
@@ -793,11 +789,47 @@ def _save_pngs_named(folder: Path, stems: list[str], masks: list[np.ndarray]) ->
         write_mask_png(folder / f"{s}.png", m)
 
 
+def _check_same_config(run_dir: Path, saved: dict | None, cfg: Config) -> None:
+    if saved is not None and saved != config_to_dict(cfg):
+        changed = sorted(k for k, v in flatten_config(cfg).items() if _flat(saved).get(k) != v)
+        raise PipelineError(
+            f"run folder {run_dir} was started with a different config ({', '.join(changed[:5])}); "
+            "use a new --out, or the same settings to resume"
+        )
+
+
+def check_inputs(images: str, out: str | Path, cfg: Config, seed_model: str | None = None) -> None:
+    """What a user can get wrong, checked before Ray, MLflow or a run folder: a failed check leaves nothing.
+
+    The stack (folder, glob or S3 prefix, credentials included), the run folder (a folder, writable, and, when it
+    holds a run, one started with the same config) and a local seed model.
+
+    Raises:
+        StackError, StorageError or PipelineError, each with a one-line message naming the culprit.
+    """
+    from tgan_ray.io import list_stack
+    from tgan_ray.io import storage as st
+
+    list_stack(images, cfg.storage)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is a file; the run folder must be a folder")
+    if (out / "manifest.json").is_file():
+        _check_same_config(out, Manifest(out).get("config"), cfg)
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"cannot write the run folder {out}: {parent} is not writable")
+    remote = seed_model and (st.is_s3(seed_model) or ":/" in seed_model)  # s3://, models:/, runs:/
+    if seed_model and not remote and not Path(seed_model).is_file():
+        raise PipelineError(f"seed model not found: {seed_model}")
+
+
 def run_pipeline(
     images: str, out: str | Path, cfg: Config, seed_model: str | None = None, log=print
 ) -> PipelineResult:
     """Run (or resume) steps 1-8 on a stack: a folder, a glob or an s3:// prefix."""
     from tgan_ray.runtime import init_ray
 
+    check_inputs(images, out, cfg, seed_model)
     init_ray(cfg.ray)
     return Pipeline(images, out, cfg, seed_model, log).run()
