@@ -51,8 +51,11 @@ def test_smoke_run_measures_what_each_section_names(smoke):
     _, report, _ = smoke
     s = report["sections"]
     for row in s["train"]["rows"]:
-        assert row["plain_img_s"] > 0 and row["ray_img_s"] > 0, row
+        assert row["plain_img_s"] > 0 and row.get("ray_img_s", 1) > 0, row
     assert len(s["train"]["rows"]) == 3
+    # --smoke-test: the Ray Train row for NPsSegNet only (section 3 trains the GANs through Ray Train anyway)
+    with_ray = [r["stage"] for r in s["train"]["rows"] if "ray_img_s" in r]
+    assert len(with_ray) == 1 and with_ray[0].startswith("NPsSegNet"), with_ray
     paths = {row["path"] for row in s["data"]["rows"]}
     assert any("Ray Data" in p for p in paths) and any("plain" in p for p in paths)
     assert all(row["frames_per_s"] > 0 for row in s["data"]["rows"])
