@@ -1,6 +1,12 @@
-"""`tgan run` end to end on a tiny synthetic stack, including a crash between steps and the resume after it."""
+"""`tgan run` end to end on a tiny synthetic stack, including a crash between steps and the resume after it.
+
+The stack holds what a user's folder does: besides six good frames, files that cannot be read (truncated,
+random bytes, zero-size, a decompression bomb) and awkward ones that can (8-bit JPEG, float TIFF, RGBA, 8x8 px,
+non-square, blank).
+"""
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -37,10 +43,39 @@ class Crash(RuntimeError):
     pass
 
 
+UNREADABLE = {
+    "truncated.png": "truncated",
+    "random.tif": "TIFF",
+    "empty.png": "empty",
+    "bomb.png": "too large",
+}
+AWKWARD = ("eight_bit.jpg", "float.tif", "rgba.png", "tiny.png", "narrow.png", "blank.png")
+
+
+def add_awkward_files(images):
+    """The unreadable and the awkward files of the module docstring, beside the good frames."""
+    import tifffile
+
+    first = sorted(images.glob("*.png"))[0]
+    a = (np.asarray(Image.open(first)) // 257).astype(np.uint8)  # the synthetic frames are 16-bit
+    raw = first.read_bytes()
+    (images / "truncated.png").write_bytes(raw[: len(raw) // 3])
+    (images / "random.tif").write_bytes(np.random.default_rng(0).bytes(2000))
+    (images / "empty.png").write_bytes(b"")
+    Image.new("1", (14000, 14000)).save(images / "bomb.png")  # 196 Mpx in 24 kB: over PIL's bomb limit
+    Image.fromarray(a).save(images / "eight_bit.jpg", quality=95)
+    tifffile.imwrite(images / "float.tif", a.astype(np.float32) / 255)
+    Image.fromarray(a).convert("RGBA").save(images / "rgba.png")
+    Image.fromarray(a[:8, :8]).save(images / "tiny.png")
+    Image.fromarray(a[:, :80]).save(images / "narrow.png")
+    Image.fromarray(np.full_like(a, 90)).save(images / "blank.png")
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("pipeline")
     stack = make_stack(root / "stack", n=6, modality="haadf", size=128, seed=3)
+    add_awkward_files(stack / "images")
     cfg = load_config("quick", overrides=TINY)
     out = root / "run"
     lines: list[str] = []
@@ -53,7 +88,8 @@ def finished_run(tmp_path_factory, ray_local):
 
     Pipeline.step_cyclegan = crash
     try:
-        with pytest.raises(Crash):
+        with pytest.raises(Crash), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             run_pipeline(str(stack / "images"), out, cfg, log=lines.append)
     finally:
         Pipeline.step_cyclegan = original
@@ -68,6 +104,8 @@ def finished_run(tmp_path_factory, ray_local):
         "resumed": resumed,
         "gen1_mtimes": gen1_mtimes,
         "cfg": cfg,
+        "first": lines,
+        "warnings": [w for w in caught if type(w.message).__name__ == "SkippedImagesWarning"],
     }
 
 
@@ -154,14 +192,27 @@ def test_every_artefact_is_written(finished_run):
         assert [sorted(f.name for f in k.iterdir()) for k in kept] == [["model.pt"]], stage
 
     # Step 8 ran through Ray Data's segment_stack: masks at <run>/masks/<stem>.png, its tables in <run>/segment.
-    sources = sorted((stack / "images").glob("*.png"))
+    # The awkward files are segmented at their own size; each unreadable one is a row with its reason.
+    sources = sorted(p for p in (stack / "images").iterdir() if p.name not in UNREADABLE)
+    assert len(sources) == 6 + len(AWKWARD)
     for src in sources:
-        m = np.asarray(Image.open(out / "masks" / src.name))
-        assert m.shape == np.asarray(Image.open(src)).shape and set(np.unique(m)) <= {0, 255}
-    images = pd.read_parquet(out / "segment" / "images.parquet")
-    assert sorted(images["image"]) == [s.stem for s in sources] and (images["status"] == "segmented").all()
-    assert (images["mask"] == [str(out / "masks" / f"{s}.png") for s in images["image"]]).all()
+        m = np.asarray(Image.open(out / "masks" / f"{src.stem}.png"))
+        assert m.shape == np.asarray(Image.open(src)).shape[:2] and set(np.unique(m)) <= {0, 255}, src.name
+    images = pd.read_parquet(out / "segment" / "images.parquet").set_index("image")
+    assert sorted(images.index) == sorted(p.stem for p in (stack / "images").iterdir())
+    segmented = images.loc[[s.stem for s in sources]]
+    assert (segmented["status"] == "segmented").all()
+    assert (segmented["mask"] == [str(out / "masks" / f"{s}.png") for s in segmented.index]).all()
+    for name, reason in UNREADABLE.items():
+        row = images.loc[name.rsplit(".", 1)[0]]
+        assert row["status"] == "error" and reason in row["reason"] and "\n" not in row["reason"], name
     assert not (out / "segment" / "masks").exists()
+    # Step 1 warned once, naming every unreadable file, and learnt from neither them nor the 8 px frame.
+    [warned] = finished_run["warnings"]
+    assert all(name in str(warned.message) for name in UNREADABLE)
+    assert sorted(s for s, _ in split["skipped"]) == sorted(str(stack / "images" / n) for n in UNREADABLE)
+    assert "tiny" not in split["subset1"] + split["subset2"] + split["test"]
+    assert any("too small to learn from" in line and "tiny" in line for line in finished_run["first"])
 
     table = pd.read_csv(out / "particles.csv")
     assert {"image", "equivalent_diameter", "circularity", "solidity", "touches_border", "unit"} <= set(table)
@@ -174,7 +225,7 @@ def test_every_artefact_is_written(finished_run):
     assert check["frames"] == split["test"] and check["agreement"]["confident"] > 0
     assert check["step2"]["particles_per_frame"] > 0 and check["realism"]["source"] in ("gen1", "gen2")
     assert table["image_uncertainty"].between(0, 1).all()
-    assert images["uncertainty"].between(0, 1).all()
+    assert segmented["uncertainty"].between(0, 1).all()
     assert len(table) == len(pd.read_parquet(out / "segment" / "particles.parquet"))
     pd.testing.assert_frame_equal(pd.read_parquet(out / "particles.parquet"), table, check_dtype=False)
     for src in sources:  # Fiji / napari copies of the masks, calibrated from pixel_size.json

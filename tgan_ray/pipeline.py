@@ -123,6 +123,7 @@ class Pipeline:
         from tgan_ray.data.splits import split_stack
         from tgan_ray.data.working import to_working, working_scale
         from tgan_ray.io import list_stack, load_stack, normalize_intensity
+        from tgan_ray.masks.rough import MIN_FRAME_PX
         from tgan_ray.segment import unique_stems
 
         d = self.cfg.data
@@ -133,13 +134,18 @@ class Pipeline:
         normalised = [
             normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile) for em in ems
         ]
-        stack_scale = self._stack_scale(normalised)
+        # Frames too small to analyse (thumbnails, crops of a few px) are segmented in step 8 but not learnt from.
+        big = [n for n in normalised if min(n.shape) >= MIN_FRAME_PX]
+        if not big:
+            raise PipelineError(f"every image of {self.images} is under {MIN_FRAME_PX} px on a side")
+        stack_scale = self._stack_scale(big)
         frames = []
         (self.run_dir / "work").mkdir(exist_ok=True)
         for em, norm in zip(ems, normalised):
             stem = stems[em.source]  # two folders with the same file name: "a", "a_"
             scale = working_scale(norm.shape, self.data_cfg_for(stack_scale))
-            np.save(self.run_dir / "work" / f"{stem}.npy", to_working(norm, scale).astype(np.float16))
+            work = to_working(norm, scale)
+            np.save(self.run_dir / "work" / f"{stem}.npy", work.astype(np.float16))
             pixel = d.pixel_size_nm or em.pixel_size_nm or sidecar
             frames.append(
                 {
@@ -148,9 +154,14 @@ class Pipeline:
                     "shape": list(norm.shape),
                     "scale": scale,
                     "pixel_size_nm": pixel,
+                    "learn": min(work.shape) >= MIN_FRAME_PX,
                 }
             )
-        split = split_stack([f["stem"] for f in frames], d.subset1_size, d.test_fraction, d.seed)
+        small = [f"{f['stem']} ({f['shape'][0]}x{f['shape'][1]} px)" for f in frames if not f["learn"]]
+        if small:
+            self.log(f"   too small to learn from, segmented only: {', '.join(small[:5])}")
+        learn = [f["stem"] for f in frames if f["learn"]]
+        split = split_stack(learn, d.subset1_size, d.test_fraction, d.seed)
         out = {
             "frames": frames,
             "skipped": [list(s) for s in skipped],
@@ -589,7 +600,7 @@ class Pipeline:
         """Pixel noise the virtual images lack compared with the real frames (both at the working scale)."""
         from tgan_ray.data.working import missing_noise_std
 
-        frames = self.manifest.outputs("stack")["frames"]
+        frames = [f for f in self.manifest.outputs("stack")["frames"] if f.get("learn", True)]
         real = [self._work(f["stem"]) for f in frames[:32]]
         noise = missing_noise_std(real, virtual[:64])
         self.log(

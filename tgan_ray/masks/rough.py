@@ -42,10 +42,16 @@ class NoParticlesError(ValueError):
     """The rough masks hold no particle at all: nothing to learn a morphology from."""
 
 
+# Smallest frame side the scale-space analysis works on, px.
+MIN_FRAME_PX = 16
+
+
 def _as_frame(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
-    if image.ndim != 2 or min(image.shape) < 16:
-        raise ValueError(f"rough segmenter needs a 2-D frame of at least 16x16 px, got shape {image.shape}")
+    if image.ndim != 2 or min(image.shape) < MIN_FRAME_PX:
+        raise ValueError(
+            f"rough segmenter needs a 2-D frame of at least {MIN_FRAME_PX}x{MIN_FRAME_PX} px, got shape {image.shape}"
+        )
     return normalize_intensity(image)
 
 
