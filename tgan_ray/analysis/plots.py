@@ -83,7 +83,16 @@ def plot_psd(df: pd.DataFrame, summary: dict, path: str | os.PathLike) -> Path:
         intervals = summary.get("intervals") if summary else None
         note = _draw_intervals(ax, summary, intervals, unit) if intervals else None
         ax.set_ylabel(f"probability density (1/{unit})")
-        ax.legend(frameon=False, fontsize=8, title=note, title_fontsize=7)
+        # Below the axes: inside, "best" still sat on the interval bars that run along the top.
+        ax.legend(
+            frameon=False,
+            fontsize=8,
+            title=note,
+            title_fontsize=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.14),
+            ncol=2,
+        )
     ax.set_xlabel(f"equivalent diameter ({unit})")
     border = summary.get("border_count") if summary else None
     ax.set_title(
