@@ -123,6 +123,16 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _acquired(folder, prefix: str, seed: int, n: int) -> dict[str, bytes]:
+    """n frames written into the watched folder one after another (distinct mtimes: acquisition order)."""
+    folder.mkdir()
+    frames = {f"{prefix}{i}.png": _disc_png(seed + i) for i in range(n)}
+    for name, data in frames.items():
+        (folder / name).write_bytes(data)
+        time.sleep(0.02)
+    return frames
+
+
 def _run_in_thread(**kwargs):
     box = {}
     thread = threading.Thread(target=lambda: box.setdefault("result", watch_folder(**kwargs)), daemon=True)
@@ -190,11 +200,7 @@ def test_files_written_during_the_watch_are_sent_once_each(tmp_path, stand_in):
 
 def test_frames_wait_while_the_endpoint_is_down(tmp_path):
     folder, out = tmp_path / "microscope", tmp_path / "live"
-    folder.mkdir()
-    frames = {f"f{i}.png": _disc_png(10 + i) for i in range(3)}
-    for name, data in frames.items():
-        (folder / name).write_bytes(data)
-        time.sleep(0.02)  # distinct mtimes: the acquisition order is f0, f1, f2
+    frames = _acquired(folder, "f", 10, 3)
     port = _free_port()  # nothing listens here yet
     thread, box = _run_in_thread(
         folder=folder,
@@ -220,11 +226,7 @@ def test_frames_wait_while_the_endpoint_is_down(tmp_path):
 
 def test_503_with_retry_after_is_honoured_and_no_frame_is_lost(tmp_path):
     folder, out = tmp_path / "microscope", tmp_path / "live"
-    folder.mkdir()
-    frames = {f"g{i}.png": _disc_png(40 + i) for i in range(4)}
-    for name, data in frames.items():
-        (folder / name).write_bytes(data)
-        time.sleep(0.02)
+    frames = _acquired(folder, "g", 40, 4)
     server = StandIn(_free_port(), fail_first=3, retry_after="1")  # overloaded: "come back in 1 s", 3 times
     messages: list[str] = []
     try:

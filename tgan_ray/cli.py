@@ -153,28 +153,30 @@ def run(
 
         overrides = {**tuned_overrides(tuned), **overrides}
     from tgan_ray.config import auto_preset
-    from tgan_ray.pipeline import check_inputs
 
     chosen = auto_preset() if preset == "auto" else preset
     cfg = _config(chosen, config, overrides)
-    try:
-        check_inputs(images, out, cfg, seed_model)  # before anything starts or is written
-    except _user_errors() as exc:
-        _fail(str(exc))
+    preamble = None
     if preset == "auto":
         why = "a GPU is present" if chosen == "paper" else "no GPU found; on a GPU it would be paper"
-        typer.echo(f"preset auto: {chosen} ({why}; --preset chooses another)", err=as_json)
-    _run(images, out, cfg, seed_model, as_json)
+        preamble = f"preset auto: {chosen} ({why}; --preset chooses another)"
+    _run(images, out, cfg, seed_model, as_json, preamble)
 
 
-def _run(images, out, cfg, seed_model=None, as_json=False):
+def _run(images, out, cfg, seed_model=None, as_json=False, preamble=None):
+    """``preamble`` comes with the first step line, so a run that fails its input checks prints only the error."""
     from tgan_ray.cli_summary import run_dict, run_lines
     from tgan_ray.pipeline import run_pipeline
 
+    pending = [preamble] if preamble else []
+
+    def log(message: str) -> None:
+        while pending:
+            typer.echo(pending.pop(), err=as_json)
+        typer.echo(message, err=as_json)
+
     try:
-        result = run_pipeline(
-            images, out, cfg, seed_model=seed_model, log=lambda m: typer.echo(m, err=as_json)
-        )
+        result = run_pipeline(images, out, cfg, seed_model=seed_model, log=log)
     except _user_errors() as exc:
         _fail(str(exc))
     _finish(run_lines(result), run_dict(result), as_json)
