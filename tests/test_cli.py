@@ -152,3 +152,36 @@ def test_a_run_that_fails_its_checks_prints_one_line_and_leaves_no_folder(tmp_pa
     (tmp_path / "runs").write_text("a file")
     not_a_folder = CliRunner().invoke(app, [*args[:3], "--out", str(tmp_path / "runs"), "--preset", "quick"])
     assert "is a file" in not_a_folder.output and len(not_a_folder.output.strip().splitlines()) == 1
+
+
+def test_the_demo_terminal_shows_our_steps_not_rays_logs(tmp_path):
+    """`tgan demo` as a user starts it, in its own process and Ray: each step's lines and the training
+    progress, each once; Ray's, Train's and MLflow's logs go to the run's log file, which the last line names."""
+    import re
+    import subprocess
+    import sys
+
+    from test_pipeline import TINY
+
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    args = ["demo", "--out", str(tmp_path / "demo"), "--n", "5", "--size", "128", "--preset", "quick", *sets]
+    done = subprocess.run(
+        [sys.executable, "-c", "from tgan_ray.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    ray_internal = re.compile(
+        r"core_worker|PlacementGroup|RayTrainWorker|pid=\d|logging\.cc|Token authentication|"
+        r"mlflow\.store|INFO|Checkpoint successfully|\x1b\["
+    )
+    assert [line for line in lines if ray_internal.search(line)] == []
+    assert len(lines) == len(set(lines)), [line for line in lines if lines.count(line) > 1]
+    for step in ("stack", "round1/pix2pix", "round1/segmenter", "segment", "report"):
+        assert f"== {step} ..." in lines
+    assert any(line.startswith("[segmenter] epoch 2/2 loss=") for line in lines)  # progress, off a TTY
+    log = tmp_path / "demo" / "run" / "logs" / "tgan.log"
+    assert done.stdout.strip().splitlines()[-1].startswith(f"log:       {log}")
+    assert "ray.data" in log.read_text()  # Ray Data's execution lines, beside Ray's own C++ warnings

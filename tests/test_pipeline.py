@@ -109,6 +109,25 @@ def finished_run(tmp_path_factory, ray_local):
     }
 
 
+def test_a_frame_at_another_magnification_gets_its_own_working_scale(tmp_path):
+    """Step 1: one frame of the stack was taken at 3x the magnification (same field, 3x the px); it alone is
+    rescaled, so that the networks meet its particles at the size they learn."""
+    import shutil
+
+    common = {"modality": "haadf", "count": (25, 30)}
+    stack = make_stack(tmp_path / "stack", n=4, size=128, seed=5, **common) / "images"
+    zoomed = make_stack(tmp_path / "zoom", n=1, size=384, seed=6, pixel_size_nm=0.5 / 3, **common) / "images"
+    shutil.copy(next(zoomed.glob("*.png")), stack / "zoomed.png")
+    pipeline = Pipeline(str(stack), tmp_path / "run", load_config("quick", overrides=TINY), log=print)
+    out = pipeline.step_stack()
+    pipeline.tracker.end()
+    scales = {f["stem"]: f["scale"] for f in out["frames"]}
+    assert [s for stem, s in scales.items() if stem != "zoomed"] == [out["scale"]] * 4
+    assert 0.7 / 3 < scales["zoomed"] / out["scale"] < 1.4 / 3
+    work = np.load(tmp_path / "run" / "work" / "zoomed.npy")  # its working frame is at its own scale
+    assert abs(work.shape[0] - 384 * scales["zoomed"]) <= 1
+
+
 def test_resume_after_crash_skips_finished_steps(finished_run):
     resumed = finished_run["resumed"]
     for step in ("stack", "round1/rough", "round1/prior", "round1/pix2pix", "round1/gen1"):

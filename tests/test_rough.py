@@ -216,3 +216,13 @@ def test_each_frame_of_a_mixed_stack_takes_its_own_scale():
     assert contrast == "bright" and len(radii) == 2
     for (_, truth), masks in zip(frames, seg.segment_stack([f for f, _ in frames]), strict=True):
         assert object_f1(masks, truth)[0] > 0.8
+
+
+def test_particle_diameter_measures_the_particles_found():
+    seg = ClassicalSegmenter("bright")
+    for radius in (5.0, 12.0):
+        image, truth = em_frame(seed=14, size=int(40 * radius), radius=radius)
+        true = np.median(2 * np.sqrt(np.bincount(truth.ravel())[1:] / np.pi))
+        assert seg.particle_diameter(image, [5.0, 12.0]) == pytest.approx(true, rel=0.25)
+    bare, _ = em_frame(seed=15, size=256, particles=False)
+    assert seg.particle_diameter(bare, [6.0]) is None  # too few to say what size the particles are

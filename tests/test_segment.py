@@ -175,6 +175,21 @@ def test_segment_local_stack_into_masks_dir_same_masks_as_in_process(
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
     _check_calibrated_tiffs(masks_dir, particles, 0.25)
 
+    # A frame taken at another magnification is segmented at the scale step 1 gave it; the others as before.
+    odd = sorted(stack_dir.glob("*.png"))[0]
+    again = segment_stack(segmenter_path, stack_dir, tmp_path / "scaled", cfg, frame_scales={odd.stem: 0.4})
+    assert again.segmented == N_IMAGES
+    settings = json.loads((tmp_path / "scaled" / "segment.json").read_text())
+    assert settings["frame_scales"] == {odd.stem: 0.4}
+    for src in sorted(stack_dir.glob("*.png")):
+        image = normalize_intensity(read_image(str(src)).data, d.norm_low_percentile, d.norm_high_percentile)
+        scale = 0.4 if src == odd else None
+        expected = segmenter.to_mask(segmenter.probability(image, scale), scale=scale)
+        mask = np.asarray(Image.open(tmp_path / "scaled" / "masks" / f"{src.stem}.png")) > 127
+        np.testing.assert_array_equal(mask, expected)
+    scaled_odd = np.asarray(Image.open(tmp_path / "scaled" / "masks" / f"{odd.stem}.png"))
+    assert not np.array_equal(scaled_odd, np.asarray(Image.open(masks_dir / f"{odd.stem}.png")))
+
     # Masks of another model must not be mixed with these: refused before any Ray work.
     import torch
 

@@ -5,6 +5,7 @@ import pytest
 
 from tgan_ray.config import DataConfig
 from tgan_ray.data.working import (
+    frame_scales,
     missing_noise_std,
     noise_std,
     random_crops,
@@ -32,6 +33,17 @@ def test_scale_rules_and_round_trip():
     small = to_working(frame, 0.5)
     assert small.shape == (50, 40)
     assert to_original(small, frame.shape).shape == frame.shape
+
+
+def test_a_frame_taken_at_another_magnification_gets_its_own_scale():
+    # particles of one series vary (sintering): within 1.5x of the median frame, one scale for all
+    assert frame_scales(0.5, [10.0, 12.0, 14.0, 9.0], 1.5) == [0.5] * 4
+    # a frame whose particles measure 3x the others' was taken at 3x the magnification: shrunk to match
+    scales = frame_scales(0.5, [10.0, 11.0, 30.0, None, 10.0], 1.5)
+    assert scales[:2] == [0.5, 0.5] and scales[3:] == [0.5, 0.5]  # None: too few particles to tell
+    assert scales[2] == pytest.approx(0.5 * 10.5 / 30.0)
+    assert frame_scales(0.5, [10.0, 30.0], None) == [0.5, 0.5]  # switched off
+    assert frame_scales(0.5, [None, None], 1.5) == [0.5, 0.5]
 
 
 def test_noise_std_measures_pixel_noise_beside_structure():

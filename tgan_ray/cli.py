@@ -36,6 +36,12 @@ Sets = Annotated[
 AsJson = Annotated[
     bool, typer.Option("--json", help="End with the result as JSON on stdout (progress goes to stderr).")
 ]
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="Show Ray's, Train's and MLflow's logs too (else in <out>/logs/tgan.log)."
+    ),
+]
 
 
 def _fail(message: str) -> None:
@@ -139,6 +145,7 @@ def run(
     ] = None,
     set_: Sets = None,
     as_json: AsJson = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run steps 1-8 on an unlabelled stack: masks, particles.csv, summary.json and report.html."""
     overrides = _parse_sets(set_)
@@ -160,13 +167,17 @@ def run(
     if preset == "auto":
         why = "a GPU is present" if chosen == "paper" else "no GPU found; on a GPU it would be paper"
         preamble = f"preset auto: {chosen} ({why}; --preset chooses another)"
-    _run(images, out, cfg, seed_model, as_json, preamble)
+    _run(images, out, cfg, seed_model, as_json, preamble, verbose)
 
 
-def _run(images, out, cfg, seed_model=None, as_json=False, preamble=None):
-    """``preamble`` comes with the first step line, so a run that fails its input checks prints only the error."""
+def _run(images, out, cfg, seed_model=None, as_json=False, preamble=None, verbose=False):
+    """``preamble`` comes with the first step line, so a run that fails its input checks prints only the error.
+
+    Without ``verbose``, Ray's and MLflow's logs go to the run's log file, and training stages draw bars.
+    """
     from tgan_ray.cli_summary import run_dict, run_lines
-    from tgan_ray.pipeline import run_pipeline
+    from tgan_ray.pipeline import log_file, run_pipeline
+    from tgan_ray.terminal import StageBars
 
     pending = [preamble] if preamble else []
 
@@ -175,11 +186,17 @@ def _run(images, out, cfg, seed_model=None, as_json=False, preamble=None):
             typer.echo(pending.pop(), err=as_json)
         typer.echo(message, err=as_json)
 
+    bars = StageBars()
     try:
-        result = run_pipeline(images, out, cfg, seed_model=seed_model, log=log)
+        result = run_pipeline(
+            images, out, cfg, seed_model=seed_model, log=log, quiet=not verbose, progress=bars
+        )
     except _user_errors() as exc:
         _fail(str(exc))
-    _finish(run_lines(result), run_dict(result), as_json)
+    finally:
+        bars.close()
+    lines = run_lines(result) + ([] if verbose else [f"log:       {log_file(out)} (Ray, Train, MLflow)"])
+    _finish(lines, run_dict(result), as_json)
 
 
 @app.command()
@@ -190,6 +207,7 @@ def demo(
     size: Annotated[int, typer.Option(help="Synthetic image side in px.")] = 256,
     set_: Sets = None,
     as_json: AsJson = False,
+    verbose: Verbose = False,
 ) -> None:
     """Make a synthetic HAADF stack and run the whole pipeline on it (quick preset: minutes on a laptop CPU)."""
     from tgan_ray.data.synthetic import make_stack
@@ -199,7 +217,7 @@ def demo(
     if not (stack / "images").is_dir():
         make_stack(stack, n=n, modality="haadf", size=size, seed=cfg.data.seed)
         typer.echo(f"synthetic HAADF stack: {stack}/images (ground truth in {stack}/masks)", err=as_json)
-    _run(str(stack / "images"), out / "run", cfg, as_json=as_json)
+    _run(str(stack / "images"), out / "run", cfg, as_json=as_json, verbose=verbose)
 
 
 @app.command()

@@ -45,6 +45,13 @@ class DataConfig(_Section):
         description="Tile mode: rescale the stack so its median particle diameter is this many px "
         "(scale estimated from the images by scale-space blob detection; overrides data.scale). None: use scale.",
     )
+    magnification_tolerance: float | None = Field(
+        1.5,
+        gt=1,
+        description="Tile mode with target_particle_px: a frame whose particles measure more than this factor "
+        "larger or smaller than the stack's median frame's was taken at another magnification and gets its own "
+        "working scale. None: one scale for the whole stack.",
+    )
     real_crops: int = Field(
         64,
         ge=1,

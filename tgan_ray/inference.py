@@ -129,11 +129,14 @@ class Segmenter:
             logits = self.model(x)
         return torch.softmax(logits.float(), dim=1)[:, 1:2].cpu().numpy()
 
-    def probability(self, image: np.ndarray) -> np.ndarray:
-        """Particle probability for a normalised frame (float32 [0, 1]), at the frame's own resolution."""
+    def probability(self, image: np.ndarray, scale: float | None = None) -> np.ndarray:
+        """Particle probability for a normalised frame (float32 [0, 1]), at the frame's own resolution.
+
+        ``scale``: this frame's working scale, where it differs from the model's (another magnification).
+        """
         from tgan_ray.data.working import to_original, to_working, working_scale
 
-        work = to_working(image, working_scale(image.shape, self.data_cfg))
+        work = to_working(image, scale or working_scale(image.shape, self.data_cfg))
         return to_original(self.probability_working(work), image.shape)
 
     def probability_working(self, work: np.ndarray) -> np.ndarray:
@@ -156,11 +159,13 @@ class Segmenter:
         """Boolean particle mask of a normalised frame, at its original resolution."""
         return self.to_mask(self.probability(image), threshold)
 
-    def to_mask(self, probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    def to_mask(
+        self, probability: np.ndarray, threshold: float = 0.5, scale: float | None = None
+    ) -> np.ndarray:
         """Particle probability at a frame's original resolution -> its cleaned boolean mask."""
         from tgan_ray.data.working import working_scale
 
-        scale = working_scale(probability.shape, self.data_cfg)
+        scale = scale or working_scale(probability.shape, self.data_cfg)
         return clean_mask(probability > threshold, self.min_particle_px / scale**2)
 
 

@@ -139,11 +139,13 @@ class Pipeline:
         if not big:
             raise PipelineError(f"every image of {self.images} is under {MIN_FRAME_PX} px on a side")
         stack_scale = self._stack_scale(big)
+        scales = [working_scale(n.shape, self.data_cfg_for(stack_scale)) for n in normalised]
+        if d.resize_mode == "tile" and d.target_particle_px and d.magnification_tolerance:
+            scales = self._frame_scales([stems[em.source] for em in ems], normalised, stack_scale)
         frames = []
         (self.run_dir / "work").mkdir(exist_ok=True)
-        for em, norm in zip(ems, normalised):
+        for em, norm, scale in zip(ems, normalised, scales, strict=True):
             stem = stems[em.source]  # two folders with the same file name: "a", "a_"
-            scale = working_scale(norm.shape, self.data_cfg_for(stack_scale))
             work = to_working(norm, scale)
             np.save(self.run_dir / "work" / f"{stem}.npy", work.astype(np.float16))
             pixel = d.pixel_size_nm or em.pixel_size_nm or sidecar
@@ -193,6 +195,31 @@ class Pipeline:
         scale = float(np.clip(d.target_particle_px / diameter, 1 / 16, 4))
         self.log(f"   median particle diameter {diameter:.1f} px: working scale {scale:.3g}")
         return scale
+
+    def _frame_scales(self, stems: list[str], frames: list[np.ndarray], stack_scale: float) -> list[float]:
+        """Per frame, the stack's scale or, for a frame taken at another magnification, its own
+        (:func:`~tgan_ray.data.working.frame_scales`): particles measured as step 2 finds them."""
+        from tgan_ray.data.working import frame_scales, to_working
+        from tgan_ray.masks import ClassicalSegmenter
+        from tgan_ray.masks.rough import MIN_FRAME_PX
+
+        r = self.cfg.rough
+        seg = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, r.confidence)
+        learn = [i for i, f in enumerate(frames) if min(f.shape) * stack_scale >= MIN_FRAME_PX]
+        picks = sorted({learn[round(k)] for k in np.linspace(0, len(learn) - 1, min(len(learn), 8))})
+        contrast, radii = seg.stack_radii([to_working(frames[i], stack_scale) for i in picks])
+        diameters = [
+            seg.particle_diameter(to_working(f, stack_scale), radii, contrast) if i in learn else None
+            for i, f in enumerate(frames)
+        ]
+        scales = frame_scales(stack_scale, diameters, self.cfg.data.magnification_tolerance)
+        moved = [f"{s} (x{x / stack_scale:.2g})" for s, x in zip(stems, scales) if x != stack_scale]
+        if moved:
+            self.log(
+                f"   {len(moved)} frame(s) taken at another magnification, each at its own scale: "
+                f"{', '.join(moved[:6])}{' ...' if len(moved) > 6 else ''}"
+            )
+        return scales
 
     def data_cfg_for(self, scale: float):
         """The data settings with the stack's resolved scale: what inference on new frames must reuse."""
@@ -639,6 +666,7 @@ class Pipeline:
                 self.cfg,
                 masks_dir=self.run_dir / "masks",
                 fallback_pixel_size_nm=_sidecar_pixel_size(stack["frames"][0]["source"]),
+                frame_scales=_own_scales(stack),
             )
         outputs = {**result.to_dict(), "folder": str(self.run_dir / "masks")}
         table = pd.read_parquet(outputs["images_table"]).set_index("image")
@@ -760,6 +788,12 @@ def _quiet_ray_data():
         ctx.enable_progress_bars = before
 
 
+def _own_scales(stack: dict) -> dict[str, float] | None:
+    """stem -> working scale of the frames step 1 gave their own scale (another magnification); None if none."""
+    own = {f["stem"]: f["scale"] for f in stack["frames"] if f.get("scale") != stack["scale"]}
+    return own or None
+
+
 def _sidecar_pixel_size(first_uri: str) -> float | None:
     """A stack-wide calibration file, ``pixel_size.json`` ({"pixel_size_nm": ...}), beside or above the images.
 
@@ -836,11 +870,37 @@ def check_inputs(images: str, out: str | Path, cfg: Config, seed_model: str | No
 
 
 def run_pipeline(
-    images: str, out: str | Path, cfg: Config, seed_model: str | None = None, log=print
+    images: str,
+    out: str | Path,
+    cfg: Config,
+    seed_model: str | None = None,
+    log=print,
+    quiet: bool = False,
+    progress=None,
 ) -> PipelineResult:
-    """Run (or resume) steps 1-8 on a stack: a folder, a glob or an s3:// prefix."""
-    from tgan_ray.runtime import init_ray
+    """Run (or resume) steps 1-8 on a stack: a folder, a glob or an s3:// prefix.
+
+    Args:
+        log: where the step lines go.
+        quiet: Ray, Ray Data, Train and MLflow logs and Python warnings go to ``<out>/logs/tgan.log`` (what
+            ``tgan run`` does without ``-v``); the unreadable-files warning stays on the terminal.
+        progress: with ``quiet``, the sink of the training stages' progress events (default: lines to ``log``;
+            the CLI draws :class:`~tgan_ray.terminal.StageBars`).
+    """
+    from tgan_ray.runtime import init_ray, library_logs_to
+    from tgan_ray.terminal import progress_line
+    from tgan_ray.train.driver import progress_to
 
     check_inputs(images, out, cfg, seed_model)
-    init_ray(cfg.ray)
-    return Pipeline(images, out, cfg, seed_model, log).run()
+    if not quiet:
+        init_ray(cfg.ray)
+        return Pipeline(images, out, cfg, seed_model, log).run()
+    progress = progress or (lambda e: e.get("kind") != "end" and log(progress_line(e)))
+    with library_logs_to(log_file(out)), progress_to(progress):
+        init_ray(cfg.ray, log_to_driver=False)
+        return Pipeline(images, out, cfg, seed_model, log).run()
+
+
+def log_file(run_dir: str | Path) -> Path:
+    """Where a quiet run keeps Ray's, Train's and MLflow's logs."""
+    return Path(run_dir) / "logs" / "tgan.log"

@@ -158,6 +158,7 @@ class SegmentActor:
         fallback_pixel_size_nm: pixel size of frames that neither the config nor the file calibrates.
         rough: instead of a model, the classical segmenter: ``{"config": cfg.rough as a dict, "contrast",
             "radii"}`` with the stack's contrast and candidate particle radii (:func:`rough_stack_settings`).
+        frame_scales: stem -> working scale of frames taken at another magnification than the model's scale.
     """
 
     def __init__(
@@ -173,8 +174,10 @@ class SegmentActor:
         done: set[str],
         fallback_pixel_size_nm: float | None = None,
         rough: dict[str, Any] | None = None,
+        frame_scales: dict[str, float] | None = None,
     ):
         self.segmenter = None
+        self.frame_scales = frame_scales or {}
         if rough is not None:
             self.rough = rough_segment_fn(rough)
         else:
@@ -198,14 +201,15 @@ class SegmentActor:
             return None
         return mask if mask.shape == shape else None
 
-    def _segment(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+    def _segment(self, image: np.ndarray, stem: str) -> tuple[np.ndarray, float]:
         """-> (mask, the network's uncertainty on it; NaN for the classical segmenter)."""
         from tgan_ray.analysis.selfcheck import uncertainty
 
         if self.segmenter is None:
             return self.rough(image), np.nan
-        probability = self.segmenter.probability(image)
-        return self.segmenter.to_mask(probability), uncertainty(probability)
+        scale = self.frame_scales.get(stem)
+        probability = self.segmenter.probability(image, scale)
+        return self.segmenter.to_mask(probability, scale=scale), uncertainty(probability)
 
     def _one(self, data: bytes, uri: str) -> dict[str, Any]:
         from tgan_ray.analysis import measure_particles, psd_summary, split_touching
@@ -221,7 +225,7 @@ class SegmentActor:
             if mask is None:
                 d = self.data_cfg
                 image = normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile)
-                mask, row["uncertainty"] = self._segment(image)
+                mask, row["uncertainty"] = self._segment(image, stem)
                 write_mask_png(mask_uri, mask, self.storage)
                 row["status"] = STATUS_SEGMENTED
             else:
@@ -431,6 +435,7 @@ def segment_stack(
     masks_dir: str | os.PathLike | None = None,
     fallback_pixel_size_nm: float | None = None,
     rough: bool = False,
+    frame_scales: dict[str, float] | None = None,
 ) -> SegmentResult:
     """Segment every image of a stack with Ray Data and write masks, particle table and PSD summaries.
 
@@ -449,6 +454,8 @@ def segment_stack(
         rough: segment with the classical, training-free segmenter of step 2 (``cfg.rough``) instead of a
             model, at one contrast and particle scale for the whole stack: the baseline a label-free model has
             to beat. Same outputs.
+        frame_scales: stem -> working scale, for frames taken at another magnification than the model's
+            (the pipeline's step 1 measures them); the others use the checkpoint's scale.
 
     Returns:
         :class:`SegmentResult`.
@@ -501,6 +508,8 @@ def segment_stack(
         "norm_high_percentile": d.norm_high_percentile,
         "tile_overlap": sg.tile_overlap,
     }
+    if frame_scales:
+        settings["frame_scales"] = dict(sorted(frame_scales.items()))
     sources = {"model": model or "rough", "images": images, "masks": masks_dir}
     check_settings(out, settings, sources, storage, "segment.json")
 
@@ -536,6 +545,7 @@ def segment_stack(
             "done": done,
             "fallback_pixel_size_nm": fallback_pixel_size_nm,
             "rough": rough_settings,
+            "frame_scales": frame_scales,
         },
         **pool,
     )

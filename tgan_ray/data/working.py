@@ -24,6 +24,26 @@ def working_scale(shape: tuple[int, int], cfg: DataConfig) -> float:
     return cfg.scale
 
 
+def frame_scales(stack_scale: float, diameters: list[float | None], tolerance: float | None) -> list[float]:
+    """Each frame's working scale: the stack's, unless its particles say it was taken at another magnification.
+
+    A frame whose measured particle diameter (at the stack's scale) is more than ``tolerance`` times larger or
+    smaller than the median frame's is rescaled so that its particles come to the median frame's size: the
+    networks then meet particles of the size they learnt. Within the tolerance, frames keep one scale, so that
+    real size differences of one series (sintering, growth) survive. None diameters (too few particles to
+    measure) and ``tolerance=None`` keep the stack's scale.
+    """
+    measured = [x for x in diameters if x]
+    if tolerance is None or not measured:
+        return [stack_scale] * len(diameters)
+    typical = float(np.median(measured))
+    out = []
+    for x in diameters:
+        off = bool(x) and max(x / typical, typical / x) > tolerance
+        out.append(float(np.clip(stack_scale * typical / x, 1 / 16, 4)) if off else stack_scale)
+    return out
+
+
 def to_working(image: np.ndarray, scale: float) -> np.ndarray:
     """Rescale a normalised frame (float32 [0, 1]) by ``scale`` (anti-aliased when shrinking)."""
     if abs(scale - 1.0) < 1e-6:

@@ -9,6 +9,8 @@ Running it again with the same run folder resumes from the stage's latest checkp
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,57 @@ def build_trainer(
     )
 
 
+# Where rank 0's progress events go: None prints them as lines on the worker (Ray streams them to the driver).
+_PROGRESS_SINK = None
+
+
+@contextlib.contextmanager
+def progress_to(sink):
+    """Within the block, each stage's progress events (:func:`tgan_ray.terminal.progress_line` lists their
+    keys) come back through a Ray queue and go to ``sink`` on the driver, then ``{"stage", "kind": "end"}``:
+    they reach the terminal even when workers' output does not (``init_ray(log_to_driver=False)``)."""
+    global _PROGRESS_SINK
+    before, _PROGRESS_SINK = _PROGRESS_SINK, sink
+    try:
+        yield
+    finally:
+        _PROGRESS_SINK = before
+
+
+@contextlib.contextmanager
+def _progress_queue(loop_config: dict[str, Any]):
+    if _PROGRESS_SINK is None:
+        yield
+        return
+    from ray.util.queue import Empty, Queue
+
+    sink, stop = _PROGRESS_SINK, threading.Event()
+    queue = Queue(actor_options={"num_cpus": 0})  # no CPU: the workers have them all on a small machine
+    loop_config["progress"] = queue
+
+    def drain(block: bool) -> None:
+        while True:
+            try:
+                sink(queue.get(block=block, timeout=0.5 if block else None))
+            except Empty:
+                return
+
+    def pump() -> None:
+        while not stop.is_set():
+            drain(block=True)
+
+    thread = threading.Thread(target=pump, name="tgan-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        drain(block=False)
+        queue.shutdown()
+        sink({"stage": loop_config["stage"], "kind": "end"})
+
+
 def put_data(data: dict[str, Any]) -> dict[str, Any]:
     """Arrays go through the object store once, not pickled into every worker's config."""
     import ray
@@ -152,9 +205,9 @@ def train_stage(
         },
         **(extra_config or {}),
     }
-    trainer = build_trainer(stage, loop_config, cfg, name, storage_path, fs)
     try:
-        result = trainer.fit()
+        with _progress_queue(loop_config):
+            result = build_trainer(stage, loop_config, cfg, name, storage_path, fs).fit()
     except BaseException:
         child.end("FAILED")
         raise

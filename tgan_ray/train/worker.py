@@ -19,17 +19,17 @@ def _resolve(value: Any) -> Any:
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
-def _progress(message: str) -> None:
+def _progress(event: dict[str, Any], queue=None) -> None:
+    """Rank 0's progress: to the driver's queue (``driver.progress_to``), or a line on the worker's stdout."""
+    if queue is not None:
+        queue.put(event)
+        return
+    from tgan_ray.terminal import progress_line
+
     # Straight to the process's stdout (which Ray streams to the driver once): Train V2 patches print() and
     # tees it when another library has wrapped sys.stdout, which printed every line twice.
-    sys.__stdout__.write(message + "\n")
+    sys.__stdout__.write(progress_line(event) + "\n")
     sys.__stdout__.flush()
-
-
-def _format_eta(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def _maybe_inject_fault(config: dict, epoch: int, ctx) -> None:
@@ -53,18 +53,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from tgan_ray.train.stages import create_stage
 
     ctx = setup_worker(config.get("ray", {}), config.get("seed", 0))
+    queue = config.get("progress")
     data = {k: _resolve(v) for k, v in config["data"].items()}
     stage = create_stage(
         config["stage"], config["stage_cfg"], data, ctx, config.get("extractor", "random-resnet18")
     )
 
+    event = {"stage": config["stage"], "epochs": stage.num_epochs}
     start_epoch, best, starts = 0, None, []
     state = read_checkpoint_state(ray.train.get_checkpoint())
     if state is not None:
         stage.load_state_dict(state["stage"])
         start_epoch, best, starts = state["epoch"] + 1, state.get("best"), state.get("starts", [])
         if ctx.is_main:
-            _progress(f"[{config['stage']}] resumed from the checkpoint of epoch {state['epoch'] + 1}")
+            _progress({**event, "kind": "resumed", "epoch": state["epoch"] + 1}, queue)
     starts = [*starts, start_epoch]  # where each (re)start began: the record of resumes
 
     tracking = config.get("tracking") or {}
@@ -100,15 +102,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if (epoch + 1) % sample_every == 0 or epoch == last:
                 tracker.log_image(stage.sample_grid(), f"samples/epoch_{epoch + 1:04d}.png")
             done = epoch + 1 - start_epoch
-            eta = (time.time() - t_start) / done * (stage.num_epochs - epoch - 1)
-            shown = " ".join(
-                f"{k.split('/')[-1]}={v:.4g}"
+            shown = {
+                k.split("/")[-1]: v
                 for k, v in metrics.items()
                 if isinstance(v, float) and not k.endswith(("lr", "epoch_s")) and "std" not in k
-            )
-            _progress(
-                f"[{config['stage']}] epoch {epoch + 1}/{stage.num_epochs} {shown} ETA {_format_eta(eta)}"
-            )
+            }
+            eta = (time.time() - t_start) / done * (stage.num_epochs - epoch - 1)
+            _progress({**event, "kind": "epoch", "epoch": epoch + 1, "metrics": shown, "eta_s": eta}, queue)
         if is_eval:
             # Every rank reports the same number of times; only rank 0 carries the checkpoint and the score.
             # The checkpoint folder is a temporary copy: once uploaded to storage it is deleted, not left in /tmp.
@@ -118,4 +118,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 delete_local_checkpoint_after_upload=checkpoint is not None,
             )
     if start_epoch > last and ctx.is_main:
-        _progress(f"[{config['stage']}] already complete ({stage.num_epochs} epochs)")
+        _progress({**event, "kind": "complete"}, queue)
