@@ -206,7 +206,7 @@ class Pipeline:
         r = self.cfg.rough
         seg = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, r.confidence)
         learn = [i for i, f in enumerate(frames) if min(f.shape) * stack_scale >= MIN_FRAME_PX]
-        picks = sorted({learn[round(k)] for k in np.linspace(0, len(learn) - 1, min(len(learn), 8))})
+        picks = [learn[k] for k in _spread(len(learn))]
         contrast, radii = seg.stack_radii([to_working(frames[i], stack_scale) for i in picks])
         diameters = [
             seg.particle_diameter(to_working(f, stack_scale), radii, contrast) if i in learn else None
@@ -286,7 +286,7 @@ class Pipeline:
         r = self.cfg.rough
         strict = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, r.confidence)
         loose = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, confidence=0.0)
-        picks = sorted({round(i) for i in np.linspace(0, len(stems) - 1, min(len(stems), 8))})
+        picks = _spread(len(stems))
         contrast, radii = strict.stack_radii([self._work(stems[i]) for i in picks])
         self.log(
             f"   particle contrast {contrast}; radii at the working scale: {[round(x, 1) for x in radii]}"
@@ -788,6 +788,11 @@ def _quiet_ray_data():
         ctx.enable_progress_bars = before
 
 
+def _spread(n: int, most: int = 8) -> list[int]:
+    """Up to ``most`` indices spread evenly over ``n`` frames: the frames that fix a stack's contrast and radii."""
+    return sorted({round(i) for i in np.linspace(0, n - 1, min(n, most))})
+
+
 def _own_scales(stack: dict) -> dict[str, float] | None:
     """stem -> working scale of the frames step 1 gave their own scale (another magnification); None if none."""
     own = {f["stem"]: f["scale"] for f in stack["frames"] if f.get("scale") != stack["scale"]}
@@ -895,8 +900,12 @@ def run_pipeline(
     if not quiet:
         init_ray(cfg.ray)
         return Pipeline(images, out, cfg, seed_model, log).run()
-    progress = progress or (lambda e: e.get("kind") != "end" and log(progress_line(e)))
-    with library_logs_to(log_file(out)), progress_to(progress):
+
+    def lines(event: dict) -> None:
+        if event.get("kind") != "end":
+            log(progress_line(event))
+
+    with library_logs_to(log_file(out)), progress_to(progress or lines):
         init_ray(cfg.ray, log_to_driver=False)
         return Pipeline(images, out, cfg, seed_model, log).run()
 
