@@ -88,7 +88,9 @@ def test_segmenter_learns_logs_to_mlflow_and_resumes(ray_local, tmp_path):
         "val_masks": masks[:4],
     }
     parent = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "test").start_child("parent")
-    cfg = _cfg(tmp_path, **{"segmenter.epochs": 4, "segmenter.steps_per_epoch": 5, "segmenter.batch_size": 4})
+    # 8 epochs: before about 6 the network (BatchNorm still settling) marks no pixel, and "nothing" scores
+    # MIoU 0.46 here. The run is seeded, so the figure repeats (it wandered from 0.46 to 0.54 when it was not).
+    cfg = _cfg(tmp_path, **{"segmenter.epochs": 8, "segmenter.steps_per_epoch": 5, "segmenter.batch_size": 4})
     scratch = set(Path(tempfile.gettempdir()).glob("tgan-ckpt-*"))
     first = train_stage("segmenter", cfg.segmenter, data, cfg, tmp_path / "run", parent, name="seg")
     assert _state(first)["starts"] == [0]
@@ -104,18 +106,18 @@ def test_segmenter_learns_logs_to_mlflow_and_resumes(ray_local, tmp_path):
             client.get_metric_history(first.extra["mlflow_run_id"], "train/loss"), key=lambda m: m.step
         )
     ]
-    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert len(losses) == 8 and losses[-1] < losses[0]
     child = client.get_run(first.extra["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == parent.run_id
-    assert first.metrics["val/miou"] > 0.5
+    assert first.metrics["val/miou"] > 0.8
 
     # Same run name, more epochs: continues from the stored checkpoint instead of starting over.
     cfg2 = _cfg(
-        tmp_path, **{"segmenter.epochs": 6, "segmenter.steps_per_epoch": 5, "segmenter.batch_size": 4}
+        tmp_path, **{"segmenter.epochs": 10, "segmenter.steps_per_epoch": 5, "segmenter.batch_size": 4}
     )
     second = train_stage("segmenter", cfg2.segmenter, data, cfg2, tmp_path / "run", parent, name="seg")
     state = torch.load(Path(second.latest_checkpoint_path) / CHECKPOINT_STATE, weights_only=True)
-    assert state["starts"] == [0, 4] and state["epoch"] == 5
+    assert state["starts"] == [0, 8] and state["epoch"] == 9
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):

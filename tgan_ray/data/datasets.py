@@ -7,7 +7,8 @@
 Items are numpy arrays or image files (PNG, JPEG, TIFF), loaded lazily. Frames larger than ``size`` are cut to it
 (random crop for training, centre crop otherwise) or, with ``fit='resize'``, resized whole (the paper's 512x512);
 smaller frames are reflection-padded. Randomness (crops, augmentation, the B draw) comes from one generator per
-item: fresh entropy when ``seed`` is None, else a pure function of (seed, epoch, index), so results do not
+item: drawn from torch's generator when ``seed`` is None (so a run seeded with ``torch.manual_seed``, and
+DataLoader's per-worker seeds, repeats), else a pure function of (seed, epoch, index), so results do not
 depend on DataLoader workers. Call :meth:`set_epoch` each epoch, as with ``DistributedSampler``.
 
     ds = SegmentationDataset(image_paths, mask_paths, transform=train_transform(), size=512, train=True)
@@ -141,7 +142,8 @@ class _FrameDataset(Dataset):
 
     def _rng(self, index: int) -> np.random.Generator:
         if self.seed is None:
-            return np.random.default_rng()
+            # Not OS entropy: a training worker seeds torch (train/plumbing.seed_everything), so its run repeats.
+            return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def _load_image(self, source: ImageSource, index: int) -> np.ndarray:
