@@ -210,7 +210,7 @@ class PairedDataset(_PairedBase):
         size: Working side, px (None: keep the frames' own size).
         train: Random crops (True) or centre crops (False).
         fit: 'crop' at native scale, or 'resize' the whole frame.
-        seed: None for fresh randomness, else reproducible per (seed, epoch, index).
+        seed: None: drawn from torch's generator (repeats when torch is seeded), else reproducible per (seed, epoch, index).
         loader: Reads a path to a 2-D array (default :func:`read_gray`).
 
     Returns (per item):
@@ -286,7 +286,7 @@ class UnpairedDataset(_FrameDataset):
         images_a: Domain A frames (the 1st generation).
         images_b: Domain B frames (the real stack, subset 2).
         size: Working side, px (None: keep the frames' own size).
-        seed: None for fresh randomness, else reproducible per (seed, epoch, index).
+        seed: None: drawn from torch's generator (repeats when torch is seeded), else reproducible per (seed, epoch, index).
         transform: Image-only augmentation, applied to A and B independently.
         train: Random crops (True) or centre crops (False).
         fit: 'crop' at native scale, or 'resize' the whole frame.
