@@ -37,6 +37,18 @@ TINY = {
     "segmenter.steps_per_epoch": 3,
     "ray.cpus_per_worker": 0.5,
 }
+# The finished run has two adaptation rounds. Round 2 starts from round 1's NPsSegNet masks of real frames, so
+# round 1 must find particles: pix2pix must draw them (40 steps, a few seconds) and NPsSegNet learn them (30).
+TWO_ROUNDS = {
+    "pix2pix.epochs": 4,
+    "pix2pix.epochs_decay": 0,
+    "pix2pix.steps_per_epoch": 10,
+    "pix2pix.eval_every": 4,
+    "segmenter.epochs": 3,
+    "segmenter.steps_per_epoch": 10,
+    "segmenter.val_every": 3,
+    "run.rounds": 2,
+}
 
 
 class Crash(RuntimeError):
@@ -76,7 +88,7 @@ def finished_run(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("pipeline")
     stack = make_stack(root / "stack", n=6, modality="haadf", size=128, seed=3)
     add_awkward_files(stack / "images")
-    cfg = load_config("quick", overrides=TINY)
+    cfg = load_config("quick", overrides={**TINY, **TWO_ROUNDS})
     out = root / "run"
     lines: list[str] = []
 
@@ -133,6 +145,10 @@ def test_resume_after_crash_skips_finished_steps(finished_run):
     for step in ("stack", "round1/rough", "round1/prior", "round1/pix2pix", "round1/gen1"):
         assert f"== {step}: done earlier, skipped" in resumed
     assert "== round1/cyclegan ..." in resumed
+    # The training estimate comes once, before the first training step, and not again on resume.
+    estimates = [line for line in finished_run["first"] if "training ~" in line]
+    assert len(estimates) == 1 and "warm-up" in estimates[0], finished_run["first"]
+    assert not any("training ~" in line for line in resumed)
     gen1 = finished_run["out"] / "round1" / "gen1" / "images"
     assert len(finished_run["gen1_mtimes"]) == 24  # the 1st generation, written before the crash ...
     assert {p.name: p.stat().st_mtime_ns for p in gen1.glob("*.png")} == finished_run[
@@ -267,7 +283,7 @@ def test_every_artefact_is_written(finished_run):
 
 
 def test_rerun_with_another_config_is_refused(finished_run):
-    cfg = load_config("quick", overrides={**TINY, "segmenter.epochs": 5})
+    cfg = load_config("quick", overrides={**TINY, **TWO_ROUNDS, "segmenter.epochs": 5})
     with pytest.raises(PipelineError, match="segmenter.epochs"):
         Pipeline(str(finished_run["stack"] / "images"), finished_run["out"], cfg)
 
@@ -292,25 +308,11 @@ def test_too_few_images_and_no_particles_are_clear_errors(tmp_path, ray_local):
         run_pipeline(str(blank), tmp_path / "r2", cfg, log=lambda m: None)
 
 
-def test_adaptation_rounds_use_the_previous_segmenter(tmp_path, ray_local):
+def test_adaptation_rounds_use_the_previous_segmenter(finished_run):
     from tgan_ray.inference import Segmenter
 
-    stack = make_stack(tmp_path / "stack", n=5, modality="haadf", size=96, seed=5)
-    # Round 1's segmenter must find particles in real frames for round 2 to start: pix2pix must draw them
-    # (40 steps, a few seconds) and NPsSegNet must learn them (30 steps).
-    fast = {
-        "pix2pix.epochs": 4,
-        "pix2pix.epochs_decay": 0,
-        "pix2pix.steps_per_epoch": 10,
-        "pix2pix.eval_every": 4,
-        "segmenter.epochs": 3,
-        "segmenter.steps_per_epoch": 10,
-        "segmenter.val_every": 3,
-    }
-    cfg = load_config("quick", overrides={**TINY, **fast, "run.rounds": 2})
-    out = tmp_path / "run"
-    result = run_pipeline(str(stack / "images"), out, cfg, log=lambda m: None)
-
+    out, cfg, stack = finished_run["out"], finished_run["cfg"], finished_run["stack"]
+    result = finished_run["result"]
     steps = json.loads((out / "manifest.json").read_text())["steps"]
     for rnd in (1, 2):
         for step in ("rough", "prior", "pix2pix", "gen1", "cyclegan", "gen2", "virtual", "segmenter"):

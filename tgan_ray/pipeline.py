@@ -745,8 +745,22 @@ class Pipeline:
             self.log(f"   registered models:/{name}/{version}")
         return {"name": name, "version": version}
 
+    def estimate_training(self) -> None:
+        """Before a CPU run's first training step: print how long training will take, from a timed warm-up.
+
+        Skipped on a cluster (``ray.address``) or with GPU workers, where this process's CPU says nothing."""
+        from tgan_ray.runtime import use_gpu
+        from tgan_ray.train.estimate import estimate_line, estimate_training
+
+        if self.manifest.done("round1/pix2pix") or self.cfg.ray.address or use_gpu(self.cfg.ray):
+            return
+        estimate = estimate_training(self.cfg)
+        self.manifest.set("training_estimate", estimate)
+        self.log(f"   {estimate_line(estimate)}")
+
     def run(self) -> PipelineResult:
         stack = self._step("stack", self.step_stack)
+        self.estimate_training()
         seg = None
         for rnd in range(1, self.cfg.run.rounds + 1):
             r = f"round{rnd}"

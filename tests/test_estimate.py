@@ -1,0 +1,56 @@
+"""The training estimate printed before a CPU run's first training step (train/estimate.py)."""
+
+import math
+
+import pytest
+
+from tgan_ray.config import load_config
+from tgan_ray.train import estimate as est
+
+
+def test_steps_follow_the_loaders_sizes():
+    quick = load_config("quick")
+    assert est.training_steps(quick, "pix2pix") == (30 + 10) * 10  # steps_per_epoch caps every epoch
+    paper = load_config("paper")  # full passes: items / (batch x workers) per epoch
+    items = round(paper.prior.n_masks / (1 - paper.segmenter.real_fraction))
+    per_epoch = math.ceil(items / (paper.segmenter.batch_size * max(1, paper.ray.num_workers)))
+    assert est.training_steps(paper, "segmenter") == paper.segmenter.epochs * per_epoch
+    two = load_config("paper", overrides={"ray.num_workers": 2})
+    assert est.training_steps(two, "segmenter") < est.training_steps(paper, "segmenter")
+
+
+def test_a_larger_tile_is_scaled_from_the_probe(monkeypatch):
+    """Tiles above PROBE_PX are timed at the probe and scaled by the pixel count: 4x the side, 16x the time."""
+    timed = []
+
+    def fake_step_fn(cfg, stage, size):
+        timed.append(size)
+        return lambda: None
+
+    monkeypatch.setattr(est, "_step_fn", fake_step_fn)
+    ticks = iter(range(100))
+    monkeypatch.setattr(est.time, "perf_counter", lambda: float(next(ticks)))
+    cfg = load_config("quick", overrides={"data.image_size": 4 * est.PROBE_PX})
+    assert est.seconds_per_step(cfg, "segmenter", steps=2) == pytest.approx(0.5 * 16)
+    assert timed == [est.PROBE_PX]
+
+
+def test_estimate_times_every_stage_and_says_when_a_cpu_run_is_long():
+    cfg = load_config("quick", overrides={"segmenter.steps_per_epoch": 1, "run.rounds": 2})
+    estimate = est.estimate_training(cfg)
+    for stage in ("pix2pix", "cyclegan", "segmenter"):
+        row = estimate[stage]
+        assert row["s_per_step"] > 0 and row["steps"] == 2 * est.training_steps(cfg, stage)
+        assert row["seconds"] == pytest.approx(row["steps"] * row["s_per_step"])
+    assert estimate["seconds"] == pytest.approx(sum(estimate[s]["seconds"] for s in est._STAGES))
+    line = est.estimate_line(estimate)
+    assert line.startswith("training ~") and "faster" not in line
+    days = {**estimate, "seconds": 3 * 86400.0}
+    assert "days" in est.estimate_line(days) and "--preset cpu" in est.estimate_line(days)
+
+
+@pytest.mark.parametrize(
+    "seconds, shown", [(40, "40 s"), (25 * 60, "25 min"), (3.2 * 3600, "3.2 h"), (5 * 86400, "5.0 days")]
+)
+def test_durations_read_at_a_persons_scale(seconds, shown):
+    assert est.format_duration(seconds) == shown

@@ -1,0 +1,128 @@
+"""How long a run's training will take on this machine, from a short timed warm-up (printed before step 3).
+
+Each trainable stage's networks take a few optimiser steps on random tiles, in this process, at the threads one
+Train worker gets. The probe tile is small (at most :data:`PROBE_PX`), because a single step of the paper's
+512² networks takes minutes on a CPU; the time is scaled by the pixel count, which is what a convolution's cost
+follows (small tiles carry some fixed cost per step, so the scaled figure errs long, not short).
+
+    estimate = estimate_training(cfg)     # {"pix2pix": {"steps", "s_per_step", "seconds"}, ..., "seconds"}
+    print(estimate_line(estimate))        # "training ~25 min on this machine (pix2pix 3 min, ...)"
+
+Only the training stages are timed: generation, segmentation and Ray's start-up add a few minutes more.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from tgan_ray.config import Config
+
+PROBE_PX = 64  # the warm-up's tile side (scaled to data.image_size by the pixel count)
+LONG_ON_CPU_S = 3 * 3600  # above this, the estimate line says how to go faster
+_STAGES = ("pix2pix", "cyclegan", "segmenter")
+
+
+def training_steps(cfg: Config, stage: str) -> int:
+    """Optimiser steps one worker takes in ``stage`` (epochs x steps per epoch, as ``build_loader`` sizes them)."""
+    section = getattr(cfg, stage)
+    epochs = section.epochs + getattr(section, "epochs_decay", 0)
+    if section.steps_per_epoch:
+        return epochs * section.steps_per_epoch
+    items = {
+        "pix2pix": cfg.data.real_crops,  # subset 1's crops with their rough masks
+        "cyclegan": max(cfg.prior.n_masks, cfg.data.real_crops),  # 1st generation vs real crops, unpaired
+        # the virtual pairs, plus real crops making up segmenter.real_fraction of the set
+        "segmenter": round(cfg.prior.n_masks / (1 - cfg.segmenter.real_fraction)),
+    }[stage]
+    return epochs * max(1, math.ceil(items / (section.batch_size * max(1, cfg.ray.num_workers))))
+
+
+def _step_fn(cfg: Config, stage: str, size: int):
+    """One optimiser step of ``stage``'s networks on a random batch of ``size``² tiles."""
+    section = getattr(cfg, stage)
+    n = section.batch_size
+    if stage == "segmenter":
+        from tgan_ray.models.losses import SegmentationLoss
+        from tgan_ray.models.npssegnet import create_segmenter
+
+        extra = {"decoder_channels": section.decoder_channels} if section.decoder_channels else {}
+        net = create_segmenter(section.arch, section.encoder, None, **extra).train()
+        loss_fn, opt = SegmentationLoss(section.focal_alpha), torch.optim.AdamW(net.parameters())
+        image, label = torch.rand(n, 1, size, size), torch.randint(0, 2, (n, size, size))
+
+        def step() -> None:
+            loss = loss_fn(net(image), label)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+    from tgan_ray.models import create_gan
+
+    model = create_gan(stage, section.model_copy(update={"generator_encoder_weights": None}))
+    for net in model.nets.values():
+        net.train()
+    batch = {"A": torch.rand(n, 1, size, size) * 2 - 1, "B": torch.rand(n, 1, size, size) * 2 - 1}
+    return lambda: model.train_step(batch)
+
+
+def seconds_per_step(cfg: Config, stage: str, steps: int = 2) -> float:
+    """Wall seconds of one of ``stage``'s optimiser steps at ``data.image_size``, timed at a probe tile."""
+    size = cfg.data.image_size
+    probe = min(size, PROBE_PX)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    try:
+        step = _step_fn(cfg, stage, probe)
+        step()  # the first step allocates; it is not timed
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        per_step = (time.perf_counter() - start) / steps
+    finally:
+        torch.set_num_threads(threads)
+    return per_step * (size / probe) ** 2
+
+
+def estimate_training(cfg: Config) -> dict[str, Any]:
+    """Per stage: steps (all rounds), seconds per step and seconds; ``seconds`` in all and ``warmup_s``."""
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    out: dict[str, Any] = {}
+    for stage in _STAGES:
+        steps = training_steps(cfg, stage) * cfg.run.rounds
+        per_step = seconds_per_step(cfg, stage)
+        out[stage] = {"steps": steps, "s_per_step": per_step, "seconds": steps * per_step}
+    out["seconds"] = sum(out[s]["seconds"] for s in _STAGES)
+    out["warmup_s"] = time.perf_counter() - start
+    return out
+
+
+def format_duration(seconds: float) -> str:
+    """``"45 s"``, ``"25 min"``, ``"3.2 h"`` or ``"2.5 days"``: a person's scale for a rough figure."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def estimate_line(estimate: dict[str, Any]) -> str:
+    """One line for the terminal (a CPU's estimate); past :data:`LONG_ON_CPU_S` it says how to go faster."""
+    stages = ", ".join(f"{s} {format_duration(estimate[s]['seconds'])}" for s in _STAGES)
+    line = (
+        f"training ~{format_duration(estimate['seconds'])} on this machine's CPU ({stages}; "
+        f"timed in a {estimate['warmup_s']:.0f} s warm-up)"
+    )
+    if estimate["seconds"] > LONG_ON_CPU_S:
+        line += (
+            ". That is long for a CPU: `--preset cpu` is about half an hour for ten frames, and a CUDA GPU runs "
+            "the paper preset in hours"
+        )
+    return line
