@@ -140,7 +140,7 @@ def section_train(ctx: Context, rec: dict) -> None:
     ]
     rec["notes"].append(
         "plain: one batch kept on the device, no data loading; Ray Train: the stage's own DataLoader with its "
-        "augmentation, in the worker process (data.num_loader_workers is not wired to the stages yet)"
+        "augmentation, in the worker process"
     )
     for stage in batches:
         row = {

@@ -75,15 +75,11 @@ class DataConfig(_Section):
     norm_high_percentile: float = Field(
         99.5, gt=50, le=100, description="Intensity mapped to 1 (robust max)."
     )
-    augment: bool = Field(
-        True, description="Paper augmentation: Flip, ShiftScaleRotate, GaussNoise, p=0.5 each."
-    )
     pixel_size_nm: float | None = Field(
         None,
         gt=0,
         description="Pixel size in nm; overrides file metadata. None: use metadata, else report px.",
     )
-    num_loader_workers: int = Field(0, ge=0, description="torch DataLoader workers per training worker.")
 
 
 class StorageConfig(_Section):

@@ -42,6 +42,7 @@ import numpy as np
 
 from tgan_ray.config import Config, StorageConfig
 from tgan_ray.io import storage as st
+from tgan_ray.messages import one_line
 
 # Tasks that only move bytes (read, PNG encode, write) take little CPU; the model actors take what config says.
 IO_TASK_CPUS = 0.25
@@ -144,15 +145,10 @@ def check_generator(data: bytes, uri: str) -> None:
         load_generator(path, "cpu")
     except Exception as exc:  # noqa: BLE001 - torch.load and load_state_dict fail in many ways
         raise ScaleOutError(
-            _one_line(f"{uri} is not a usable generator checkpoint: {exc}").replace(path, uri)
+            one_line(f"{uri} is not a usable generator checkpoint: {exc}").replace(path, uri)
         ) from None
     finally:
         os.unlink(path)
-
-
-def _one_line(text: object, limit: int = 300) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def local_copy(ref: Any, suffix: str) -> str:

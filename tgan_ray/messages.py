@@ -16,3 +16,9 @@ _ADDRESS_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>:?")
 def without_addresses(text: object) -> str:
     """``text`` without ``<... at 0x...>`` object reprs."""
     return _ADDRESS_REPR.sub("", str(text))
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` on one line (whitespace runs collapsed), without object reprs, cut to ``limit`` characters."""
+    flat = " ".join(without_addresses(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

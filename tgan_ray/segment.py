@@ -47,6 +47,7 @@ from tgan_ray.generate import (
     read_model,
 )
 from tgan_ray.io import storage as st
+from tgan_ray.messages import one_line
 
 STATUS_SEGMENTED, STATUS_REUSED, STATUS_ERROR = "segmented", "reused", "error"
 IMAGE_COLUMNS = (
@@ -83,13 +84,6 @@ class SegmentResult:
             "summary_json": st.join(self.out, "summary.json"),
             "seconds": round(self.seconds, 2),
         }
-
-
-def _one_line(text: object, limit: int = 300) -> str:
-    from tgan_ray.messages import without_addresses
-
-    flat = " ".join(without_addresses(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def unique_stems(uris: list[str]) -> dict[str, str]:
@@ -240,7 +234,7 @@ class SegmentActor:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad frame must not stop a stack of thousands
             row["status"] = STATUS_ERROR
-            row["reason"] = _one_line(getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
+            row["reason"] = one_line(getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
             return row
         row.update(
             mask=mask_uri,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -148,14 +147,3 @@ class Tracker:
         for k, v in (metrics or {}).items():
             self._client.set_model_version_tag(name, version.version, k, str(v))
         return version.version
-
-
-@contextmanager
-def tracked_run(tracker: Tracker):
-    """Mark the run FAILED if the block raises, FINISHED otherwise."""
-    try:
-        yield tracker
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end("FINISHED")

@@ -25,7 +25,6 @@ from .tiling import (
 _LAZY = {
     "train_transform": "transforms",
     "test_transform": "transforms",
-    "build_transform": "transforms",
     "PairedDataset": "datasets",
     "UnpairedDataset": "datasets",
     "SegmentationDataset": "datasets",

@@ -138,8 +138,3 @@ def reseed(pipeline: A.BaseCompose, seed: int) -> None:
 def test_transform() -> A.Compose:
     """Test pipeline: identity. Normalisation to [0, 1] happens when images are loaded (paper: only normalised)."""
     return A.Compose([])
-
-
-def build_transform(train: bool, augment: bool = True, seed: int | None = None) -> A.Compose:
-    """Training pipeline when ``train and augment`` (``data.augment``), else the test pipeline."""
-    return train_transform(seed=seed) if train and augment else test_transform()

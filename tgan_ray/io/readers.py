@@ -23,7 +23,7 @@ import numpy as np
 
 from tgan_ray.config import StorageConfig
 from tgan_ray.io.storage import StorageNotFoundError, is_s3, read_bytes, write_bytes
-from tgan_ray.messages import without_addresses
+from tgan_ray.messages import one_line
 
 _log = logging.getLogger(__name__)
 
@@ -101,11 +101,6 @@ class EMImage:
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-def _one_line(text: object, limit: int = 160) -> str:
-    flat = " ".join(without_addresses(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
 def _extension(name: str) -> str:
     return os.path.splitext(name.split("?", 1)[0])[1].lower()
 
@@ -147,7 +142,7 @@ def _decode_pillow(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray,
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(name, f"image too large ({_one_line(exc)})") from None
+        raise ImageReadError(name, f"image too large ({one_line(exc, 160)})") from None
     with img:
         w, h = img.size
         _check_pixels(w * h, (h, w), name, max_pixels)
@@ -332,7 +327,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
         raise ImageReadError(name, "not enough memory to decode it") from None
     except Exception as exc:  # any library error on a corrupt or truncated file becomes one line
         _log.debug("decoding %s failed", name, exc_info=True)
-        reason = _one_line(f"{type(exc).__name__}: {exc}")
+        reason = one_line(f"{type(exc).__name__}: {exc}", 160)
         raise ImageReadError(name, f"not a valid {fmt.upper()} file ({reason})") from None
     meta.setdefault("format", fmt)
     meta["dtype"] = str(array.dtype)

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from urllib.parse import urlparse
 
 from tgan_ray.config import StorageConfig
-from tgan_ray.messages import without_addresses
+from tgan_ray.messages import one_line
 
 # Short timeouts and two attempts: a wrong endpoint must fail in seconds, not after botocore's default minutes.
 CONNECT_TIMEOUT_S = 5
@@ -168,12 +168,6 @@ def _endpoint_label(storage: StorageConfig | None) -> str:
         return "invalid endpoint"
 
 
-def _one_line(text: object, limit: int = 200) -> str:
-    # urllib3 names its connection objects: "<...HTTPConnection object at 0x7f..>: Failed to establish..."
-    flat = " ".join(without_addresses(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
 def _s3_error(exc: Exception, uri: str, storage: StorageConfig | None) -> StorageError:
     """Turn a botocore exception into one StorageError line that says what to fix."""
     from botocore import exceptions as bx
@@ -198,10 +192,10 @@ def _s3_error(exc: Exception, uri: str, storage: StorageConfig | None) -> Storag
         if code in ("AccessDenied", "403", "Forbidden"):
             return StorageError(f"S3 access denied for {uri}: {code} (check the IAM / bucket policy)")
         message = exc.response.get("Error", {}).get("Message", "")
-        return StorageError(_one_line(f"S3 error on {uri} (endpoint {endpoint}): {code} {message}"))
+        return StorageError(one_line(f"S3 error on {uri} (endpoint {endpoint}): {code} {message}", 200))
     if isinstance(exc, bx.BotoCoreError):
-        return StorageError(_one_line(f"S3 error on {uri} (endpoint {endpoint}): {exc}"))
-    return StorageError(_one_line(f"S3 error on {uri}: {type(exc).__name__}: {exc}"))
+        return StorageError(one_line(f"S3 error on {uri} (endpoint {endpoint}): {exc}", 200))
+    return StorageError(one_line(f"S3 error on {uri}: {type(exc).__name__}: {exc}", 200))
 
 
 def _connection_reason(exc: Exception) -> str:
@@ -369,7 +363,7 @@ def upload_file(
             s3_client(storage).upload_file(local_path, bucket, key)
     except S3UploadFailedError as exc:  # boto3's transfer manager wraps the client error
         cause = exc.__cause__ or exc.__context__
-        raise (_s3_error(cause, uri, storage) if cause else StorageError(_one_line(exc))) from None
+        raise (_s3_error(cause, uri, storage) if cause else StorageError(one_line(exc, 200))) from None
     return uri
 
 

@@ -23,7 +23,7 @@ from scipy import stats
 from skimage.filters import threshold_otsu
 from skimage.measure import regionprops
 from skimage.morphology import disk, opening
-from skimage.segmentation import watershed
+from skimage.segmentation import relabel_sequential, watershed
 from skimage.transform import downscale_local_mean, resize
 
 from tgan_ray.config import RoughMaskConfig
@@ -433,7 +433,7 @@ class ClassicalSegmenter:
         )
         for p in regionprops(labels * keep[labels]):
             keep[p.label] = p.solidity >= 0.75 + 0.15 * c  # clusters and support lumps are not convex
-        return _relabel(labels * keep[labels])
+        return relabel_sequential(labels * keep[labels])[0]
 
 
 def _grow_to_edges(
@@ -519,13 +519,6 @@ def _axis_ratio(labels: np.ndarray, n: int) -> np.ndarray:
     half_trace, det = (vyy + vxx) / 2, vyy * vxx - vxy**2
     root = np.sqrt(np.maximum(half_trace**2 - det, 0))
     return np.sqrt((half_trace + root) / np.maximum(half_trace - root, 1e-6))
-
-
-def _relabel(labels: np.ndarray) -> np.ndarray:
-    ids = np.unique(labels)
-    lut = np.zeros(int(labels.max()) + 1, np.int32)
-    lut[ids[ids > 0]] = np.arange(1, (ids > 0).sum() + 1)
-    return lut[labels]
 
 
 def _upsample_labels(
