@@ -19,20 +19,23 @@ def test_steps_follow_the_loaders_sizes():
     assert est.training_steps(two, "segmenter") < est.training_steps(paper, "segmenter")
 
 
-def test_a_larger_tile_is_scaled_from_the_probe(monkeypatch):
-    """Tiles above PROBE_PX are timed at the probe and scaled by the pixel count: 4x the side, 16x the time."""
+def test_a_larger_tile_is_timed_at_two_probes_and_extrapolated(monkeypatch):
+    """A step costs a fixed part plus a part per pixel: the two probes give both, the tile's size the rest."""
+    fixed, per_px = 0.05, 1e-5
     timed = []
 
-    def fake_step_fn(cfg, stage, size):
+    def fake_timed(cfg, stage, size, steps):
         timed.append(size)
-        return lambda: None
+        return fixed + per_px * size**2
 
-    monkeypatch.setattr(est, "_step_fn", fake_step_fn)
-    ticks = iter(range(100))
-    monkeypatch.setattr(est.time, "perf_counter", lambda: float(next(ticks)))
-    cfg = load_config("quick", overrides={"data.image_size": 4 * est.PROBE_PX})
-    assert est.seconds_per_step(cfg, "segmenter", steps=2) == pytest.approx(0.5 * 16)
-    assert timed == [est.PROBE_PX]
+    monkeypatch.setattr(est, "_timed", fake_timed)
+    cfg = load_config("quick", overrides={"data.image_size": 512})
+    assert est.seconds_per_step(cfg, "segmenter") == pytest.approx(fixed + per_px * 512**2)
+    assert timed == list(est.PROBES)
+    timed.clear()
+    small = load_config("quick")  # 64 px tiles: timed as they are
+    assert est.seconds_per_step(small, "segmenter") == pytest.approx(fixed + per_px * 64**2)
+    assert timed == [64]
 
 
 def test_estimate_times_every_stage_and_says_when_a_cpu_run_is_long():

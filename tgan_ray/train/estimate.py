@@ -1,9 +1,9 @@
 """How long a run's training will take on this machine, from a short timed warm-up (printed before step 3).
 
 Each trainable stage's networks take a few optimiser steps on random tiles, in this process, at the threads one
-Train worker gets. The probe tile is small (at most :data:`PROBE_PX`), because a single step of the paper's
-512² networks takes minutes on a CPU; the time is scaled by the pixel count, which is what a convolution's cost
-follows (small tiles carry some fixed cost per step, so the scaled figure errs long, not short).
+Train worker gets. The probe tiles are small (:data:`PROBES`), because a single step of the paper's 512² networks
+takes minutes on a CPU. A step's time is a fixed cost plus a cost per pixel (what a convolution's cost follows):
+the two probe sizes give both, and the line through them gives the time at ``data.image_size``.
 
     estimate = estimate_training(cfg)     # {"pix2pix": {"steps", "s_per_step", "seconds"}, ..., "seconds"}
     print(estimate_line(estimate))        # "training ~25 min on this machine (pix2pix 3 min, ...)"
@@ -21,7 +21,7 @@ import torch
 
 from tgan_ray.config import Config
 
-PROBE_PX = 64  # the warm-up's tile side (scaled to data.image_size by the pixel count)
+PROBES = (64, 96)  # the warm-up's tile sides (multiples of 32, as the networks need)
 LONG_ON_CPU_S = 3 * 3600  # above this, the estimate line says how to go faster
 _STAGES = ("pix2pix", "cyclegan", "segmenter")
 
@@ -70,22 +70,31 @@ def _step_fn(cfg: Config, stage: str, size: int):
     return lambda: model.train_step(batch)
 
 
+def _timed(cfg: Config, stage: str, size: int, steps: int) -> float:
+    step = _step_fn(cfg, stage, size)
+    step()  # the first step allocates; it is not timed
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
 def seconds_per_step(cfg: Config, stage: str, steps: int = 2) -> float:
-    """Wall seconds of one of ``stage``'s optimiser steps at ``data.image_size``, timed at a probe tile."""
+    """Wall seconds of one of ``stage``'s optimiser steps at ``data.image_size``, from the probe tiles."""
     size = cfg.data.image_size
-    probe = min(size, PROBE_PX)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     try:
-        step = _step_fn(cfg, stage, probe)
-        step()  # the first step allocates; it is not timed
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        per_step = (time.perf_counter() - start) / steps
+        if size <= PROBES[0]:
+            return _timed(cfg, stage, size, steps)
+        small, large = (_timed(cfg, stage, p, steps) for p in PROBES)
     finally:
         torch.set_num_threads(threads)
-    return per_step * (size / probe) ** 2
+    per_px = max(large - small, 0.0) / (PROBES[1] ** 2 - PROBES[0] ** 2)
+    fixed = max(small - per_px * PROBES[0] ** 2, 0.0)
+    if per_px == 0:  # timing noise swamped the difference: scale the larger probe by the pixel count
+        return large * (size / PROBES[1]) ** 2
+    return fixed + per_px * size**2
 
 
 def estimate_training(cfg: Config) -> dict[str, Any]:
