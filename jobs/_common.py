@@ -66,16 +66,13 @@ def job_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def parse_sets(sets: list[str]) -> dict[str, Any]:
-    """``["segmenter.epochs=20"]`` -> ``{"segmenter.epochs": 20}``; values are parsed as YAML scalars."""
-    import yaml
+    """``["segmenter.epochs=20"]`` -> ``{"segmenter.epochs": 20}`` (the CLI's parser), or a one-line error."""
+    from tgan_ray.config import ConfigError, parse_overrides
 
-    overrides = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            fail(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
+    try:
+        return parse_overrides(sets)
+    except ConfigError as exc:
+        fail(str(exc))
 
 
 def load_job_config(

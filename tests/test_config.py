@@ -1,9 +1,13 @@
 """The config tree: paper defaults, presets, YAML round trip, and one-line errors that name the field."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from tgan_ray.config import PRESETS, ConfigError, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_paper_defaults_are_the_papers_hyperparameters():
@@ -89,3 +93,35 @@ def test_missing_file_unknown_preset_and_bad_yaml(tmp_path):
     (tmp_path / "x.yaml").write_text("a: [1,")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config("paper", tmp_path / "x.yaml")
+
+
+def test_set_overrides_parse_as_yaml_scalars_and_a_bad_one_is_named():
+    from tgan_ray.config import parse_overrides
+
+    assert parse_overrides(["segmenter.epochs=20", "data.pixel_size_nm=0.25", "rough.method= classical"]) == {
+        "segmenter.epochs": 20,
+        "data.pixel_size_nm": 0.25,
+        "rough.method": "classical",
+    }
+    assert parse_overrides(None) == {}
+    for bad in ("segmenter.epochs", "=3"):
+        with pytest.raises(ConfigError, match=f"--set expects KEY=VALUE, got {bad!r}"):
+            parse_overrides(["data.seed=1", bad])
+
+
+def test_cli_and_jobs_share_the_set_parser(tmp_path):
+    """`tgan config --set` and a job's --set: the same parser, the same one-line error, exit status 2."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from tgan_ray.cli import app
+
+    result = CliRunner().invoke(app, ["config", "--preset", "quick", "--set", "segmenter.epochs"])
+    assert result.exit_code == 2 and "--set expects KEY=VALUE, got 'segmenter.epochs'" in result.output
+    check = "import sys; sys.path.insert(0, 'jobs'); import _common; _common.parse_sets(['segmenter.epochs'])"
+    job = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert (
+        job.returncode == 2 and job.stderr.strip() == "error: --set expects KEY=VALUE, got 'segmenter.epochs'"
+    )

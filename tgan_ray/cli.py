@@ -64,15 +64,12 @@ def _finish(lines: list[str], payload: dict, as_json: bool) -> None:
 
 
 def _parse_sets(sets: list[str] | None) -> dict:
-    import yaml
+    from tgan_ray.config import ConfigError, parse_overrides
 
-    out = {}
-    for item in sets or []:
-        if "=" not in item:
-            _fail(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    try:
+        return parse_overrides(sets)
+    except ConfigError as exc:
+        _fail(str(exc))
 
 
 def _config(preset: str, config: Path | None, overrides: dict):

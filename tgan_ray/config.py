@@ -411,6 +411,17 @@ _CPU: dict[str, Any] = _deep_merge(
 PRESETS: dict[str, dict[str, Any]] = {"paper": {}, "quick": _QUICK, "cpu": _CPU}
 
 
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["segmenter.epochs=20"]`` (``--set`` values) -> ``{"segmenter.epochs": 20}``; values are YAML scalars."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
 def _dotted_to_nested(overrides: dict[str, Any]) -> dict:
     nested: dict = {}
     for dotted, value in overrides.items():
