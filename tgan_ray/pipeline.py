@@ -748,11 +748,13 @@ class Pipeline:
     def estimate_training(self) -> None:
         """Before a CPU run's first training step: print how long training will take, from a timed warm-up.
 
-        Skipped on a cluster (``ray.address``) or with GPU workers, where this process's CPU says nothing."""
+        Skipped on a cluster (``ray.address``, or ``RAY_ADDRESS`` inside a Ray job) or with GPU workers, where
+        this process's CPU says nothing about the workers'."""
         from tgan_ray.runtime import use_gpu
         from tgan_ray.train.estimate import estimate_line, estimate_training
 
-        if self.manifest.done("round1/pix2pix") or self.cfg.ray.address or use_gpu(self.cfg.ray):
+        on_cluster = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if self.manifest.done("round1/pix2pix") or on_cluster or use_gpu(self.cfg.ray):
             return
         estimate = estimate_training(self.cfg)
         self.manifest.set("training_estimate", estimate)
