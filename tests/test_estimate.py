@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from tgan_ray.config import load_config
 from tgan_ray.train import estimate as est
@@ -46,6 +47,12 @@ def test_estimate_times_every_stage_and_says_when_a_cpu_run_is_long():
         assert row["s_per_step"] > 0 and row["steps"] == 2 * est.training_steps(cfg, stage)
         assert row["seconds"] == pytest.approx(row["steps"] * row["s_per_step"])
     assert estimate["seconds"] == pytest.approx(sum(estimate[s]["seconds"] for s in est._STAGES))
+    # Timing leaves the caller's torch random stream where it was (a resumed run skips it).
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    est.estimate_training(load_config("quick", overrides={"pix2pix.steps_per_epoch": 1}))
+    assert torch.equal(torch.rand(3), expected)
     line = est.estimate_line(estimate)
     assert line.startswith("training ~") and "faster" not in line
     days = {**estimate, "seconds": 3 * 86400.0}
