@@ -1,9 +1,13 @@
 """Post-processing of NPsSegNet masks: what the network marks vs what is reported as a particle."""
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
-from tgan_ray.config import DataConfig
+from tgan_ray.config import DataConfig, SegmenterConfig
+from tgan_ray.data.tiling import inference_tile_side, tile_image, untile
 from tgan_ray.inference import Segmenter, clean_mask
 from tgan_ray.models import create_segmenter, save_segmenter
 
@@ -40,3 +44,43 @@ def test_segmenter_applies_the_prior_minimum_at_each_frame_scale(tmp_path):
     prob[30:35, 30:35] = 0.9
     mask = seg.to_mask(prob)
     assert not mask[10:13, 10:13].any() and mask[30:35, 30:35].all()
+
+
+def _tiny_segmenter(tmp_path, **meta_data) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "npssegnet.pt"
+    data = {**DataConfig(image_size=64, resize_mode="tile").model_dump(mode="json"), **meta_data}
+    net = create_segmenter("unet", "resnet18", None, decoder_channels=[16, 8, 8, 8, 8])
+    return save_segmenter(net, path, meta={"data": data})
+
+
+def test_inference_tiles_cover_a_frame_with_little_overlap_work():
+    side = inference_tile_side((1664, 1664), 512, 32)
+    assert side == 448  # 4 x 4 tiles of 448 px, not 4 x 4 of 512
+    frame = np.random.default_rng(0).random((1664, 1664)).astype(np.float32)
+    tiles, tmap = tile_image(frame, side, 32 / side)
+    assert tiles.shape == (16, 448, 448) and tiles.size / frame.size < 1.2
+    np.testing.assert_allclose(untile(tiles, tmap), frame, atol=1e-6)  # the tiles blend back to the frame
+    assert inference_tile_side((1664, 1000), 512, 32) == 448  # square tiles: the longer side decides
+    assert inference_tile_side((100, 70), 512, 16) == 128  # a small frame: one tile just larger than it
+    with pytest.raises(ValueError, match="multiple of 32"):
+        inference_tile_side((100, 100), 100, 16)
+
+
+def test_large_inference_tiles_and_bf16_agree_with_training_tiles(tmp_path):
+    path = _tiny_segmenter(tmp_path)
+    frame = np.random.default_rng(1).random((300, 260)).astype(np.float32)
+    small = Segmenter(path, seg_cfg=SegmenterConfig(inference_tile=64, inference_precision="fp32"))
+    large = Segmenter(path, seg_cfg=SegmenterConfig(inference_tile=256, inference_precision="fp32"))
+    bf16 = Segmenter(path, seg_cfg=SegmenterConfig(inference_tile=256, inference_precision="bf16"))
+    assert large.tile(frame)[0].shape == (4, 192, 192)  # 64 px training tiles would take 36
+    p_small, p_large, p_bf16 = (s.probability_working(frame) for s in (small, large, bf16))
+    assert p_small.shape == p_large.shape == frame.shape
+    assert np.abs(p_large - p_small).mean() < 0.02  # only tile borders see other context
+    assert np.abs(p_bf16 - p_large).max() < 0.05
+
+
+def test_checkpoint_of_an_earlier_version_still_loads(tmp_path):
+    # data.augment and data.num_loader_workers were dropped from the config after models were saved with them
+    path = _tiny_segmenter(tmp_path, augment=True, num_loader_workers=0)
+    assert Segmenter(path).data_cfg.image_size == 64

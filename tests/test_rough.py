@@ -15,7 +15,6 @@ from skimage.measure import label
 from tgan_ray.config import RoughMaskConfig
 from tgan_ray.masks import (
     ClassicalSegmenter,
-    ModelSegmenter,
     NoParticlesError,
     check_masks,
     create_rough_segmenter,
@@ -183,12 +182,13 @@ def test_create_rough_segmenter():
 
 
 def test_model_segmenter_runs_a_saved_npssegnet(tmp_path):
+    from tgan_ray.inference import Segmenter
     from tgan_ray.models.npssegnet import create_segmenter, save_segmenter
 
     path = save_segmenter(create_segmenter(encoder="resnet18"), tmp_path / "seed.pt")
     cfg = RoughMaskConfig(method="model", seed_model=str(path))
-    seg = create_rough_segmenter(cfg, tile=64)
-    assert isinstance(seg, ModelSegmenter)
+    seg = create_rough_segmenter(cfg)
+    assert isinstance(seg, Segmenter)
     image, _ = em_frame(seed=12, size=100)
     mask = seg.segment(image)
     assert mask.shape == (100, 100) and mask.dtype == bool

@@ -27,6 +27,14 @@ class _Section(BaseModel):
     # extra="forbid": a typo in a YAML key must fail loudly, not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]):
+        """A section saved in a checkpoint by an earlier version: keys this version dropped are ignored.
+
+        A user's trained model must keep loading after an upgrade; typos are a YAML problem, not a checkpoint's.
+        """
+        return cls.model_validate({k: v for k, v in data.items() if k in cls.model_fields})
+
 
 class DataConfig(_Section):
     image_size: int = Field(512, ge=32, description="Training tile side in px (paper: 512x512).")
@@ -215,8 +223,27 @@ class SegmenterConfig(_Section):
         "0: virtual pairs only (the paper).",
     )
     val_every: int = Field(1, ge=1, description="Validate every k epochs.")
-    tile_overlap: float = Field(0.25, ge=0, lt=1, description="Sliding-window overlap at inference.")
-    inference_batch_size: int = Field(8, ge=1, description="Tiles per forward pass at inference.")
+    tile_overlap: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="Overlap of neighbouring inference tiles, as a fraction of the training tile (data.image_size).",
+    )
+    inference_tile: int = Field(
+        512,
+        ge=32,
+        multiple_of=32,
+        description="Largest inference tile side, px at the working scale (never below data.image_size): the "
+        "network is fully convolutional, and larger tiles spend less work on overlaps. On CPU the cost per "
+        "pixel rises above about 512 px (caches).",
+    )
+    inference_batch_size: int = Field(
+        8, ge=1, description="Training tiles' worth of pixels per forward pass at inference."
+    )
+    inference_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), else fp32.",
+    )
 
 
 class RayConfig(_Section):
@@ -256,7 +283,12 @@ class ScaleOutConfig(_Section):
 
     batch_size: int = Field(16, ge=1, description="Images per model call in an actor.")
     actors: int = Field(1, ge=1, description="Actors in the pool (one GPU each when GPUs are used).")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (fractions allowed).")
+    cpus_per_actor: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs per actor (fractions allowed; torch gets one thread per CPU, rounded). None: on a "
+        "local Ray instance the actors share all CPUs but what reading and writing need; 1 on a cluster.",
+    )
     gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per actor when GPUs are used.")
     masks_per_task: int = Field(64, ge=1, description="Random masks sampled per Ray Data block.")
 

@@ -98,13 +98,15 @@ def actor_pool_options(cfg: Config, free_cpus: float) -> dict[str, Any]:
     from tgan_ray.runtime import use_gpu
 
     so = cfg.scale_out
-    options: dict[str, Any] = {
-        "compute": ray.data.ActorPoolStrategy(size=so.actors),
-        "num_cpus": so.cpus_per_actor,
-    }
     resources = ray.cluster_resources()
     total = resources.get("CPU", 0)
     is_local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    cpus = so.cpus_per_actor
+    if (
+        cpus is None
+    ):  # local: the actors share every CPU the reading and writing tasks leave; a cluster: 1 each
+        cpus = max(0.25, (total - free_cpus) / so.actors) if is_local else 1.0
+    options: dict[str, Any] = {"compute": ray.data.ActorPoolStrategy(size=so.actors), "num_cpus": cpus}
     if use_gpu(cfg.ray):
         options["num_gpus"] = so.gpus_per_actor
         if is_local and resources.get("GPU", 0) < so.gpus_per_actor:
@@ -112,7 +114,7 @@ def actor_pool_options(cfg: Config, free_cpus: float) -> dict[str, Any]:
                 f"ray.use_gpu={cfg.ray.use_gpu} but this Ray instance has {resources.get('GPU', 0):g} GPU(s) for "
                 f"scale_out.gpus_per_actor={so.gpus_per_actor}; set ray.use_gpu=no or auto"
             )
-    if is_local and so.actors * so.cpus_per_actor > total - free_cpus:
+    if is_local and so.actors * cpus > total - free_cpus:
         raise ScaleOutError(
             f"scale_out.actors={so.actors} x scale_out.cpus_per_actor={so.cpus_per_actor} leaves less than "
             f"{free_cpus:g} CPU for reading and writing on this {total:g}-CPU Ray instance; "
@@ -213,7 +215,9 @@ class GeneratorActor:
         self, pix2pix_ref: list, cyclegan_ref: list | None, device: str, batch_size: int, seed: int = 0
     ):
         from tgan_ray.inference import load_generator
+        from tgan_ray.runtime import use_actor_cpus
 
+        use_actor_cpus()
         self.batch_size, self.seed = batch_size, seed
         self.generators = []
         # The refs come wrapped in a list so that Ray hands over the reference, not a copy of the bytes.

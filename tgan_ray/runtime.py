@@ -173,6 +173,20 @@ def _stderr_fd_to(path: Path):
     return restore
 
 
+def use_actor_cpus() -> int:
+    """Give torch in this Ray actor one thread per CPU Ray assigned it (rounded); returns the thread count.
+
+    Ray sets OMP_NUM_THREADS=1 for any fractional share, so an actor given 1.75 of 2 CPUs would run on one core.
+    """
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    threads = max(1, round(cpus))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def use_gpu(cfg: RayConfig) -> bool:
     """``auto``: GPUs if the Ray cluster has any."""
     if cfg.use_gpu == "auto":

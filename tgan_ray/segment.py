@@ -170,6 +170,9 @@ class SegmentActor:
         rough: dict[str, Any] | None = None,
         frame_scales: dict[str, float] | None = None,
     ):
+        from tgan_ray.runtime import use_actor_cpus
+
+        use_actor_cpus()
         self.segmenter = None
         self.frame_scales = frame_scales or {}
         if rough is not None:
@@ -414,7 +417,7 @@ def _model_data_cfg(data: bytes, model: str, cfg: Config) -> DataConfig:
         os.unlink(path)
     if not isinstance(meta.get("data"), dict):
         return cfg.data
-    trained = DataConfig.model_validate(meta["data"])
+    trained = DataConfig.from_saved(meta["data"])
     return cfg.data.model_copy(
         update={k: getattr(trained, k) for k in ("image_size", "resize_mode", "scale")}
     )

@@ -5,7 +5,7 @@
     curl --data-binary @frame.tif "http://127.0.0.1:8000/v1/segment?pixel_size_nm=0.21&mask=png" -o mask.png
 
 Concurrent requests are grouped by ``@serve.batch``: the tiles of every frame in a batch go through the network
-in one forward pass (the sliding window of :mod:`tgan_ray.data.tiling` cuts big frames into tiles first).
+together (``Segmenter.tile`` cuts each frame into inference tiles first, as ``tgan segment`` does).
 Replicas, autoscaling bounds, CPUs/GPUs per replica, batch size and upload limits come from ``cfg.serve``.
 
 Overload: each replica holds at most ``serve.max_ongoing_requests``; beyond that Serve's proxy queues
@@ -66,7 +66,6 @@ _log = logging.getLogger("tgan_ray.serve")
 
 API_PREFIX = "/v1"
 MASK_THRESHOLD = 0.5  # particle probability above which a pixel is a particle (as in Segmenter.segment)
-MAX_TILES_PER_PASS = 64  # tiles per forward pass: bounds GPU memory when a batch holds several big frames
 
 
 # ---------------------------------------------------------------------------------------------- the service
@@ -104,10 +103,9 @@ class SegmentationService:
     Args:
         model_uri: checkpoint path, ``s3://`` or ``models:/`` URI (resolved in the replica, cached per node).
         cfg: the full config as a plain dict (``Config.model_dump(mode="json")``).
-        max_tiles_per_pass: largest number of tiles sent through the network at once.
     """
 
-    def __init__(self, model_uri: str, cfg: dict[str, Any], max_tiles_per_pass: int = MAX_TILES_PER_PASS):
+    def __init__(self, model_uri: str, cfg: dict[str, Any]):
         from tgan_ray.inference import Segmenter
 
         self.cfg = Config.model_validate(cfg)
@@ -115,7 +113,6 @@ class SegmentationService:
         self.segmenter = Segmenter(self.source.path, None, self.cfg.segmenter)
         if "data" not in self.segmenter.meta:  # an exported stage checkpoint: tiles as the config says
             self.segmenter.data_cfg = self.cfg.data
-        self.max_tiles_per_pass = max(1, int(max_tiles_per_pass))
         # The forward pass gets its own thread, so it never queues behind decoding or particle analysis.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tgan-forward")
         serve_cfg = self.cfg.serve
@@ -138,12 +135,21 @@ class SegmentationService:
         self._replica = serve.get_replica_context().replica_id.unique_id
 
     # -- batched forward pass ---------------------------------------------------------------------------------
-    def _predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        out = [
-            self.segmenter._predict_tiles(tiles[i : i + self.max_tiles_per_pass, None])[:, 0]
-            for i in range(0, len(tiles), self.max_tiles_per_pass)
-        ]
-        return np.concatenate(out)
+    def _predict(self, tile_stacks: list[np.ndarray]) -> list[np.ndarray]:
+        """Tile probabilities of several requests; requests with tiles of one size share forward passes.
+
+        Frames of different shapes get different inference tiles (``Segmenter.tile``), so they are grouped by size.
+        """
+        out: list[np.ndarray] = [np.empty(0)] * len(tile_stacks)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, tiles in enumerate(tile_stacks):
+            by_size.setdefault(tiles.shape[1:], []).append(i)
+        for members in by_size.values():
+            probs = self.segmenter.predict_tiles(np.concatenate([tile_stacks[i] for i in members]))
+            counts = np.cumsum([len(tile_stacks[i]) for i in members])[:-1]
+            for i, p in zip(members, np.split(probs, counts), strict=True):
+                out[i] = p
+        return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced from cfg.serve in __init__
     async def _forward(self, tile_stacks: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
@@ -151,16 +157,12 @@ class SegmentationService:
 
         The pass runs in a thread so the event loop keeps accepting requests, and the next batch fills meanwhile.
         """
-        counts = [len(t) for t in tile_stacks]
         loop = asyncio.get_running_loop()
-        probs = await loop.run_in_executor(
-            self._model_thread, self._predict_tiles, np.concatenate(tile_stacks)
-        )
-        return [(p, len(tile_stacks)) for p in np.split(probs, np.cumsum(counts)[:-1])]
+        probs = await loop.run_in_executor(self._model_thread, self._predict, tile_stacks)
+        return [(p, len(tile_stacks)) for p in probs]
 
     # -- per-request steps ------------------------------------------------------------------------------------
     def _prepare(self, data: bytes, name: str):
-        from tgan_ray.data.tiling import tile_image
         from tgan_ray.data.working import to_working, working_scale
         from tgan_ray.io import ImageReadError, UnsupportedFormatError, decode_image, normalize_intensity
 
@@ -174,7 +176,7 @@ class SegmentationService:
         d = self.segmenter.data_cfg
         norm = normalize_intensity(image.data, d.norm_low_percentile, d.norm_high_percentile)
         work = to_working(norm, working_scale(norm.shape, d))
-        tiles, tilemap = tile_image(work, d.image_size, self.segmenter.seg_cfg.tile_overlap)
+        tiles, tilemap = self.segmenter.tile(work)
         return image, tiles, tilemap
 
     def _to_mask(self, probs: np.ndarray, tilemap, shape: tuple[int, int]) -> np.ndarray:

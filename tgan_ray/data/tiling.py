@@ -175,6 +175,25 @@ def tile_image(img: np.ndarray, size: int, overlap: float = 0.25) -> tuple[np.nd
     return tiles, tilemap
 
 
+def inference_tile_side(shape: tuple[int, int], max_side: int, overlap_px: int, multiple: int = 32) -> int:
+    """Square tile side (a multiple of ``multiple``, at most ``max_side``) that covers a frame in the fewest tiles.
+
+    The fewest tiles of at most ``max_side`` are found first, then shrunk to just cover the frame: a 1664 px
+    frame with 512 px tiles and 32 px overlap takes 4 x 4 tiles of 448 px (1.16x the frame's pixels), not
+    4 x 4 of 512 (1.5x).
+    """
+    if max_side < multiple or max_side % multiple:
+        raise ValueError(f"inference tile side {max_side} must be a positive multiple of {multiple}")
+    margin = overlap_px // 2
+    side = multiple
+    for length in shape:
+        needed = length + 2 * margin
+        count = max(1, math.ceil((needed - overlap_px) / (max_side - overlap_px)))
+        fit = math.ceil((needed - overlap_px) / count) + overlap_px
+        side = max(side, min(max_side, multiple * math.ceil(fit / multiple)))
+    return side
+
+
 def blend_window(size: int, overlap_px: int) -> np.ndarray:
     """Linear cross-fade weights: neighbouring tiles' weights sum to 1 across an overlap.
 

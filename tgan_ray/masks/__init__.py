@@ -9,7 +9,6 @@ from tgan_ray.masks.prior import (
 )
 from tgan_ray.masks.rough import (
     ClassicalSegmenter,
-    ModelSegmenter,
     NoParticlesError,
     SamSegmenter,
     check_masks,
@@ -18,7 +17,6 @@ from tgan_ray.masks.rough import (
 
 __all__ = [
     "ClassicalSegmenter",
-    "ModelSegmenter",
     "MorphologyPrior",
     "NoParticlesError",
     "SamSegmenter",

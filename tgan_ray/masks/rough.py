@@ -8,7 +8,7 @@ with the particle radius it estimates from the image itself, so no pixel size is
     mask = seg.segment(image)                # bool, same shape; touching particles kept 1 px apart
     radius_px = seg.estimate_scale(image)
 
-:class:`ModelSegmenter` uses a trained NPsSegNet instead (how a HAADF model seeds a BF-TEM run); 'sam' uses
+'model' uses a trained NPsSegNet instead (how a HAADF model seeds a BF-TEM run); 'sam' uses
 Segment Anything when it is installed. :func:`create_rough_segmenter` builds one from ``cfg.rough``.
 """
 
@@ -533,51 +533,6 @@ def _upsample_labels(
     return np.where(up_score > 0, up_labels, 0)
 
 
-class ModelSegmenter:
-    """A trained NPsSegNet as the rough segmenter (how a HAADF model seeds a BF-TEM run, or adaptation rounds).
-
-    Args:
-        checkpoint: Local NPsSegNet checkpoint written by ``save_segmenter``.
-        device: Torch device for inference.
-        tile: Tile side, px: the scale the model was trained at (``data.image_size``).
-        overlap: Sliding-window overlap (``segmenter.tile_overlap``).
-        batch_size: Tiles per forward pass (``segmenter.inference_batch_size``).
-        threshold: Particle probability above which a pixel is a particle.
-    """
-
-    def __init__(
-        self,
-        checkpoint: str,
-        device: str = "cpu",
-        tile: int = 512,
-        overlap: float = 0.25,
-        batch_size: int = 8,
-        threshold: float = 0.5,
-    ):
-        from tgan_ray.models.npssegnet import load_segmenter
-
-        self.model, self.meta = load_segmenter(checkpoint, map_location=device)
-        self.device, self.tile, self.overlap = device, int(tile), overlap
-        self.batch_size, self.threshold = batch_size, threshold
-
-    def _predict(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        from tgan_ray.models.npssegnet import predict_proba
-
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        return predict_proba(self.model, x).cpu().numpy()
-
-    def segment(self, image: np.ndarray) -> np.ndarray:
-        """Boolean particle mask of a frame (H, W) at its own resolution."""
-        from tgan_ray.data.tiling import sliding_window_predict
-
-        prob = sliding_window_predict(
-            self._predict, _as_frame(image), self.tile, self.overlap, self.batch_size
-        )
-        return prob > self.threshold
-
-
 class SamSegmenter:
     """Segment Anything's automatic mask generator, kept to particle-sized segments of the right contrast.
 
@@ -607,13 +562,12 @@ class SamSegmenter:
         return cut_touching(labels)
 
 
-def create_rough_segmenter(cfg: RoughMaskConfig, device: str = "cpu", tile: int = 512):
+def create_rough_segmenter(cfg: RoughMaskConfig, device: str = "cpu"):
     """Build the step-2 segmenter named by ``cfg.method``: an object with ``segment(image) -> bool mask``.
 
     Args:
         cfg: The ``rough`` config section.
         device: Torch device for 'model'.
-        tile: Tile side for 'model' (the run's ``data.image_size``).
     """
     if cfg.method == "classical":
         return ClassicalSegmenter(cfg.particle_contrast, cfg.min_particle_px, cfg.confidence)
@@ -622,7 +576,9 @@ def create_rough_segmenter(cfg: RoughMaskConfig, device: str = "cpu", tile: int 
             raise ValueError(
                 "rough.method=model needs rough.seed_model (an NPsSegNet checkpoint, --seed-model)"
             )
-        return ModelSegmenter(cfg.seed_model, device=device, tile=tile)
+        from tgan_ray.inference import Segmenter  # the one sliding-window NPsSegNet (steps 8 and serve)
+
+        return Segmenter(cfg.seed_model, device=device)
     if cfg.method == "sam":
         if not cfg.sam_checkpoint:
             raise ValueError("rough.method=sam needs rough.sam_checkpoint (local Segment Anything weights)")
