@@ -84,3 +84,14 @@ def test_checkpoint_of_an_earlier_version_still_loads(tmp_path):
     # data.augment and data.num_loader_workers were dropped from the config after models were saved with them
     path = _tiny_segmenter(tmp_path, augment=True, num_loader_workers=0)
     assert Segmenter(path).data_cfg.image_size == 64
+
+
+def test_frames_segmented_together_match_frames_segmented_alone(tmp_path):
+    seg = Segmenter(_tiny_segmenter(tmp_path), seg_cfg=SegmenterConfig(inference_precision="fp32"))
+    rng = np.random.default_rng(2)
+    frames = [rng.random(shape).astype(np.float32) for shape in ((100, 100), (300, 260), (100, 100))]
+    together = seg.probabilities(frames, [None, 0.5, None])
+    alone = [seg.probability(f, s) for f, s in zip(frames, [None, 0.5, None], strict=True)]
+    for a, b, f in zip(together, alone, frames, strict=True):
+        assert a.shape == f.shape
+        np.testing.assert_allclose(a, b, atol=1e-4)

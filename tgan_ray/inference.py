@@ -166,15 +166,50 @@ class Segmenter:
             out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, *tiles.shape[-2:]), np.float32)
 
+    def predict_tile_stacks(self, tile_stacks: list[np.ndarray]) -> list[np.ndarray]:
+        """:meth:`predict_tiles` for the tiles of several frames: frames whose tiles have one size share passes.
+
+        Frames of different shapes get different inference tiles (:meth:`tile`), so they are grouped by size.
+        """
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(tile_stacks)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, tiles in enumerate(tile_stacks):
+            by_size.setdefault(tuple(tiles.shape[-2:]), []).append(i)
+        for members in by_size.values():
+            probs = self.predict_tiles(np.concatenate([tile_stacks[i] for i in members]))
+            counts = np.cumsum([len(tile_stacks[i]) for i in members])[:-1]
+            for i, p in zip(members, np.split(probs, counts), strict=True):
+                out[i] = p
+        return out
+
+    def probabilities(
+        self, images: list[np.ndarray], scales: list[float | None] | None = None
+    ) -> list[np.ndarray]:
+        """Particle probability of several normalised frames (float32 [0, 1]), each at its own resolution.
+
+        ``scales``: each frame's working scale where it differs from the model's (another magnification).
+        The tiles of all the frames go through the network together: a GPU gets full batches from small frames.
+        """
+        from tgan_ray.data.working import to_original, to_working, working_scale
+
+        scales = scales or [None] * len(images)
+        works = [
+            to_working(im, s or working_scale(im.shape, self.data_cfg))
+            for im, s in zip(images, scales, strict=True)
+        ]
+        tiled = [self.tile(w) for w in works]
+        probs = self.predict_tile_stacks([tiles for tiles, _ in tiled])
+        return [
+            to_original(untile(p, tilemap), im.shape)
+            for p, (_, tilemap), im in zip(probs, tiled, images, strict=True)
+        ]
+
     def probability(self, image: np.ndarray, scale: float | None = None) -> np.ndarray:
         """Particle probability for a normalised frame (float32 [0, 1]), at the frame's own resolution.
 
         ``scale``: this frame's working scale, where it differs from the model's (another magnification).
         """
-        from tgan_ray.data.working import to_original, to_working, working_scale
-
-        work = to_working(image, scale or working_scale(image.shape, self.data_cfg))
-        return to_original(self.probability_working(work), image.shape)
+        return self.probabilities([image], [scale])[0]
 
     def probability_working(self, work: np.ndarray) -> np.ndarray:
         """Particle probability for a frame already at the working scale."""

@@ -198,47 +198,54 @@ class SegmentActor:
             return None
         return mask if mask.shape == shape else None
 
-    def _segment(self, image: np.ndarray, stem: str) -> tuple[np.ndarray, float]:
-        """-> (mask, the network's uncertainty on it; NaN for the classical segmenter)."""
-        from tgan_ray.analysis.selfcheck import uncertainty
-
-        if self.segmenter is None:
-            return self.rough(image), np.nan
-        scale = self.frame_scales.get(stem)
-        probability = self.segmenter.probability(image, scale)
-        return self.segmenter.to_mask(probability, scale=scale), uncertainty(probability)
-
-    def _one(self, data: bytes, uri: str) -> dict[str, Any]:
-        from tgan_ray.analysis import measure_particles, psd_summary, split_touching
-        from tgan_ray.io import decode_image, normalize_intensity, write_mask_png
-        from tgan_ray.io.tiff import write_mask_tiffs
+    def _read(self, uri: str, data: bytes) -> dict[str, Any]:
+        """Decode and normalise one frame, or find its mask from before: ``{row, em, image | None, mask}``."""
+        from tgan_ray.io import decode_image, normalize_intensity
 
         stem = self.stems.get(uri) or Path(uri.rsplit("/", 1)[-1]).stem
-        row = _error_row(stem, uri, "")
-        try:
-            em = decode_image(data, uri)
-            mask_uri = st.join(self.masks_dir, f"{stem}.png")
-            mask = self._reuse(mask_uri, em.data.shape) if stem in self.done else None
-            if mask is None:
-                d = self.data_cfg
-                image = normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile)
-                mask, row["uncertainty"] = self._segment(image, stem)
-                write_mask_png(mask_uri, mask, self.storage)
-                row["status"] = STATUS_SEGMENTED
-            else:
-                row["status"] = STATUS_REUSED
-            pixel = self.data_cfg.pixel_size_nm or em.pixel_size_nm or self.fallback_pixel_size_nm
-            labels = split_touching(mask)
-            write_mask_tiffs(self.masks_dir, stem, mask, labels, pixel, self.storage)
-            particles = measure_particles(labels, stem, pixel)
-            summary = psd_summary(particles, images=[stem])
-            summary.pop("per_image", None)
-        except st.StorageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one bad frame must not stop a stack of thousands
-            row["status"] = STATUS_ERROR
-            row["reason"] = one_line(getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
-            return row
+        item: dict[str, Any] = {"row": _error_row(stem, uri, ""), "image": None, "mask": None}
+        em = item["em"] = decode_image(data, uri)
+        item["mask_uri"] = st.join(self.masks_dir, f"{stem}.png")
+        item["mask"] = self._reuse(item["mask_uri"], em.data.shape) if stem in self.done else None
+        if item["mask"] is None:
+            d = self.data_cfg
+            item["image"] = normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile)
+        return item
+
+    def _segment(self, items: list[dict[str, Any]]) -> None:
+        """Masks (and the network's uncertainty on them) of the frames read in this batch, in one go."""
+        from tgan_ray.analysis.selfcheck import uncertainty
+
+        todo = [it for it in items if it["image"] is not None]
+        if self.segmenter is None:
+            for it in todo:
+                it["mask"], it["row"]["uncertainty"] = self.rough(it["image"]), np.nan
+            return
+        scales = [self.frame_scales.get(it["row"]["image"]) for it in todo]
+        probabilities = self.segmenter.probabilities([it["image"] for it in todo], scales)
+        for it, probability, scale in zip(todo, probabilities, scales, strict=True):
+            it["mask"] = self.segmenter.to_mask(probability, scale=scale)
+            it["row"]["uncertainty"] = uncertainty(probability)
+
+    def _finish(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Write the mask, split touching particles and measure them: the frame's row of the images table."""
+        from tgan_ray.analysis import measure_particles, psd_summary, split_touching
+        from tgan_ray.io import write_mask_png
+        from tgan_ray.io.tiff import write_mask_tiffs
+
+        row, em, mask, mask_uri = item["row"], item["em"], item["mask"], item["mask_uri"]
+        stem = row["image"]
+        if item["image"] is not None:
+            write_mask_png(mask_uri, mask, self.storage)
+            row["status"] = STATUS_SEGMENTED
+        else:
+            row["status"] = STATUS_REUSED
+        pixel = self.data_cfg.pixel_size_nm or em.pixel_size_nm or self.fallback_pixel_size_nm
+        labels = split_touching(mask)
+        write_mask_tiffs(self.masks_dir, stem, mask, labels, pixel, self.storage)
+        particles = measure_particles(labels, stem, pixel)
+        summary = psd_summary(particles, images=[stem])
+        summary.pop("per_image", None)
         row.update(
             mask=mask_uri,
             pixel_size_nm=np.nan if pixel is None else float(pixel),
@@ -252,11 +259,38 @@ class SegmentActor:
         )
         return row
 
+    def _error(self, uri: str, exc: Exception) -> dict[str, Any]:
+        stem = self.stems.get(uri) or Path(uri.rsplit("/", 1)[-1]).stem
+        return _error_row(stem, uri, one_line(getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"))
+
+    def _each(self, fn, item_or_uri, *args) -> dict[str, Any] | None:
+        """``fn(item_or_uri, *args)``, or the image's error row: one bad frame must not stop a stack of thousands.
+
+        A storage failure is not the image's fault and fails the job.
+        """
+        try:
+            return fn(item_or_uri, *args)
+        except st.StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            uri = item_or_uri if isinstance(item_or_uri, str) else item_or_uri["row"]["source"]
+            return self._error(uri, exc)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = []
+        slots = []  # per image: the frame read (a dict with "em"), or its error row
         for data, path in zip(batch["bytes"], batch["path"], strict=True):
             uri = f"{self.scheme}://{path}" if self.scheme else str(path)
-            rows.append(self._one(bytes(data), uri))
+            slots.append(self._each(self._read, uri, bytes(data)))
+        items = [x for x in slots if "em" in x]
+        try:  # the frames of the batch go through the network together
+            self._segment(items)
+        except st.StorageError:
+            raise
+        except Exception:  # noqa: BLE001 - e.g. one frame too large for memory: the others still get masks
+            for it in items:
+                if it["image"] is not None:
+                    it["error"] = self._each(lambda x: self._segment([x]), it)
+        rows = [x if "em" not in x else (x.get("error") or self._each(self._finish, x)) for x in slots]
         keys = rows[0] if rows else _error_row("", "", "")
         return {key: np.array([r[key] for r in rows], dtype=_ROW_DTYPES.get(key, object)) for key in keys}
 

@@ -135,22 +135,6 @@ class SegmentationService:
         self._replica = serve.get_replica_context().replica_id.unique_id
 
     # -- batched forward pass ---------------------------------------------------------------------------------
-    def _predict(self, tile_stacks: list[np.ndarray]) -> list[np.ndarray]:
-        """Tile probabilities of several requests; requests with tiles of one size share forward passes.
-
-        Frames of different shapes get different inference tiles (``Segmenter.tile``), so they are grouped by size.
-        """
-        out: list[np.ndarray] = [np.empty(0)] * len(tile_stacks)
-        by_size: dict[tuple[int, ...], list[int]] = {}
-        for i, tiles in enumerate(tile_stacks):
-            by_size.setdefault(tiles.shape[1:], []).append(i)
-        for members in by_size.values():
-            probs = self.segmenter.predict_tiles(np.concatenate([tile_stacks[i] for i in members]))
-            counts = np.cumsum([len(tile_stacks[i]) for i in members])[:-1]
-            for i, p in zip(members, np.split(probs, counts), strict=True):
-                out[i] = p
-        return out
-
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced from cfg.serve in __init__
     async def _forward(self, tile_stacks: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
         """Probabilities for the tiles of several requests in one forward pass, each with the batch's size.
@@ -158,7 +142,9 @@ class SegmentationService:
         The pass runs in a thread so the event loop keeps accepting requests, and the next batch fills meanwhile.
         """
         loop = asyncio.get_running_loop()
-        probs = await loop.run_in_executor(self._model_thread, self._predict, tile_stacks)
+        probs = await loop.run_in_executor(
+            self._model_thread, self.segmenter.predict_tile_stacks, tile_stacks
+        )
         return [(p, len(tile_stacks)) for p in probs]
 
     # -- per-request steps ------------------------------------------------------------------------------------
