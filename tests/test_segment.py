@@ -298,3 +298,36 @@ def test_cli_segment_needs_a_model_or_rough(tmp_path):
 
     result = CliRunner().invoke(app, ["segment", "--images", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--model" in result.output and "--rough" in result.output
+
+
+def test_actor_segments_a_batch_in_pixel_bounded_groups(segmenter_path, stack_dir, tmp_path, monkeypatch):
+    # In-process (no Ray): a batch is segmented in groups of at most BATCH_PIXELS; a bad frame between good ones
+    # becomes its own error row, and the grouping does not change any frame's particles.
+    import tgan_ray.segment as segment
+
+    cfg = _cfg()
+    files = sorted(stack_dir.iterdir())[:3]
+    batch = {
+        "bytes": np.array([f.read_bytes() for f in files[:2]] + [b"not an image"] + [files[2].read_bytes()]),
+        "path": np.array([str(f) for f in files[:2]] + [str(tmp_path / "bad.png"), str(files[2])]),
+    }
+
+    def rows(masks_dir, batch_pixels):
+        monkeypatch.setattr(segment, "BATCH_PIXELS", batch_pixels)
+        actor = segment.SegmentActor(
+            [segmenter_path.read_bytes()],
+            segment._model_data_cfg(segmenter_path.read_bytes(), str(segmenter_path), cfg),
+            cfg.segmenter,
+            "cpu",
+            str(masks_dir),
+            None,
+            None,
+            {},
+            set(),
+        )
+        return actor(batch)
+
+    together, one_by_one = rows(tmp_path / "a", 10**9), rows(tmp_path / "b", 1)
+    assert list(together["status"]) == [STATUS_SEGMENTED] * 2 + [STATUS_ERROR] + [STATUS_SEGMENTED]
+    assert list(one_by_one["status"]) == list(together["status"])
+    np.testing.assert_array_equal(together["particle_count"], one_by_one["particle_count"])

@@ -181,7 +181,12 @@ def use_actor_cpus() -> int:
     import ray
     import torch
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    if not ray.is_initialized():  # outside Ray (a test, a notebook): torch keeps its own default
+        return torch.get_num_threads()
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except AssertionError:  # Ray raises this in the driver, which is no worker: same as outside Ray
+        return torch.get_num_threads()
     threads = max(1, round(cpus))
     torch.set_num_threads(threads)
     return threads

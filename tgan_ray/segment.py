@@ -117,6 +117,9 @@ def _error_row(stem: str, uri: str, reason: str) -> dict[str, Any]:
     }
 
 
+# Pixels of the frames an actor segments together (16 frames of 2048 px): their tiles share forward passes.
+BATCH_PIXELS = 16 * 2048 * 2048
+
 # Numeric columns keep a numeric dtype through Arrow; strings and bytes travel as object arrays.
 _ROW_DTYPES = {"pixel_size_nm": np.float64, "uncertainty": np.float64} | dict.fromkeys(
     ("height", "width", "particle_count", "border_count"), np.int64
@@ -276,13 +279,10 @@ class SegmentActor:
             uri = item_or_uri if isinstance(item_or_uri, str) else item_or_uri["row"]["source"]
             return self._error(uri, exc)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        slots = []  # per image: the frame read (a dict with "em"), or its error row
-        for data, path in zip(batch["bytes"], batch["path"], strict=True):
-            uri = f"{self.scheme}://{path}" if self.scheme else str(path)
-            slots.append(self._each(self._read, uri, bytes(data)))
-        items = [x for x in slots if "em" in x]
-        try:  # the frames of the batch go through the network together
+    def _flush(self, rows: list[dict[str, Any]], pending: list[int]) -> None:
+        """Segment the frames read at ``rows[pending]`` together, then replace each by its finished row."""
+        items = [rows[i] for i in pending]
+        try:  # the frames go through the network together
             self._segment(items)
         except st.StorageError:
             raise
@@ -290,7 +290,22 @@ class SegmentActor:
             for it in items:
                 if it["image"] is not None:
                     it["error"] = self._each(lambda x: self._segment([x]), it)
-        rows = [x if "em" not in x else (x.get("error") or self._each(self._finish, x)) for x in slots]
+        for i, it in zip(pending, items, strict=True):
+            rows[i] = it.get("error") or self._each(self._finish, it)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows: list[dict[str, Any]] = []  # per image: the frame read (a dict with "em"), then its row
+        pending, pixels = [], 0
+        for data, path in zip(batch["bytes"], batch["path"], strict=True):
+            uri = f"{self.scheme}://{path}" if self.scheme else str(path)
+            rows.append(self._each(self._read, uri, bytes(data)))
+            if "em" in rows[-1]:
+                pending.append(len(rows) - 1)
+                pixels += rows[-1]["em"].data.size
+            if pixels >= BATCH_PIXELS:  # frames held at once stay bounded whatever scale_out.batch_size is
+                self._flush(rows, pending)
+                pending, pixels = [], 0
+        self._flush(rows, pending)
         keys = rows[0] if rows else _error_row("", "", "")
         return {key: np.array([r[key] for r in rows], dtype=_ROW_DTYPES.get(key, object)) for key in keys}
 
