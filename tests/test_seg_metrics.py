@@ -2,10 +2,8 @@
 
 import numpy as np
 import pytest
-import torch
 
 from tgan_ray.metrics.segmentation import (
-    PixelMetrics,
     aggregate,
     box_detection_scores,
     box_iou,
@@ -133,24 +131,3 @@ def test_box_detection_scores():
     assert box_detection_scores(np.zeros((5, 5)), np.zeros((0, 4)))["f1"] == 1.0
     with pytest.raises(ValueError, match="boxes_xyxy"):
         box_detection_scores(mask, [[1, 2, 3]])
-
-
-def test_pixel_metrics_torch_matches_numpy():
-    gen = torch.Generator().manual_seed(0)
-    metric = PixelMetrics()
-    preds, targets = [], []
-    for _ in range(2):
-        logits = torch.randn(3, 2, 16, 16, generator=gen)
-        target = torch.randint(0, 2, (3, 16, 16), generator=gen)
-        metric.update(logits, target)
-        preds.append(logits.argmax(1).numpy())
-        targets.append(target.numpy())
-    got = metric.compute()
-    p = np.concatenate(preds).reshape(-1, 16)
-    t = np.concatenate(targets).reshape(-1, 16)
-    assert got["pa"] == pytest.approx(pixel_accuracy(p, t))
-    assert got["miou"] == pytest.approx(mean_iou(p, t))
-    assert got["dice"] == pytest.approx(dice(p, t))
-    one_channel = PixelMetrics()
-    one_channel.update(torch.tensor([[[[2.0, -1.0]]]]), torch.tensor([[[1, 1]]]))
-    assert one_channel.compute()["pa"] == pytest.approx(0.5)

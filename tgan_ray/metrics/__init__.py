@@ -5,7 +5,6 @@ torchmetrics, which a caller that only scores masks should not pay for.
 """
 
 from tgan_ray.metrics.segmentation import (
-    PixelMetrics,
     aggregate,
     box_detection_scores,
     box_iou,
@@ -32,7 +31,6 @@ _GAN_EXPORTS = (
 )
 
 __all__ = [
-    "PixelMetrics",
     "aggregate",
     "box_detection_scores",
     "box_iou",

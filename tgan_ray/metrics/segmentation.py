@@ -11,8 +11,8 @@ Definitions follow the paper (arXiv 2407.19544) for the two classes background (
   precision = tp / (tp + fp), recall = tp / (tp + fn), F1 their harmonic mean. With no particle in either
   prediction or reference all three are 1; otherwise a 0/0 ratio is 0.
 
-The numpy functions score full-size masks in the pipeline; :class:`PixelMetrics` is the torchmetrics version
-for batched tensors inside a (DDP) training loop, where its sums are reduced across workers.
+The segmenter stage's validation scores its virtual pairs with these numpy functions too (object matching needs
+whole masks), so there is no torch version to keep in step with them.
 
     scores = segmentation_scores(pred_mask, gt_mask)       # {'pa', 'miou', 'iou', 'dice', 'precision', ...}
     overall = aggregate([scores_img1, scores_img2])        # micro-averaged over images
@@ -23,12 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-import torch
 from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 from skimage.measure import label, regionprops
-from torchmetrics import Metric
-from torchmetrics.functional.classification import binary_stat_scores
 
 PIXEL_COUNT_KEYS = ("tp_px", "fp_px", "fn_px", "tn_px")
 OBJECT_COUNT_KEYS = ("tp", "fp", "fn")
@@ -290,41 +287,3 @@ def box_detection_scores(
     tp = int(matched.size)
     fp, fn = len(pred_boxes) - tp, len(ref) - tp
     return {**scores_from_object_counts(tp, fp, fn), "tp": tp, "fp": fp, "fn": fn}
-
-
-class PixelMetrics(Metric):
-    """PA, MIoU, particle IoU and Dice over batches of tensors, summed across DDP workers.
-
-    ``update`` takes logits or labels; ``compute`` returns the same pixel keys as
-    :func:`scores_from_pixel_counts`, as floats.
-
-    Shape:
-        preds: (N, 2, H, W) two-class logits, (N, 1, H, W) particle logits, or (N, H, W) labels / bools.
-        target: (N, H, W) or (N, 1, H, W) labels, non-zero = particle.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        for name in PIXEL_COUNT_KEYS:
-            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        if preds.ndim == 4 and preds.shape[1] == 2:
-            labels = preds.argmax(1)
-        elif preds.ndim == 4 and preds.shape[1] == 1:
-            labels = (preds[:, 0] > 0).long()
-        elif preds.ndim == 3:
-            labels = (preds > 0).long()
-        else:
-            raise ValueError(f"preds must be (N,2,H,W), (N,1,H,W) or (N,H,W), got shape {tuple(preds.shape)}")
-        target = target[:, 0] if target.ndim == 4 else target
-        tp, fp, tn, fn, _ = binary_stat_scores(labels, (target > 0).long(), multidim_average="global")
-        self.tp_px += tp
-        self.fp_px += fp
-        self.tn_px += tn
-        self.fn_px += fn
-
-    def compute(self) -> dict[str, float]:
-        return scores_from_pixel_counts(int(self.tp_px), int(self.fp_px), int(self.fn_px), int(self.tn_px))
