@@ -63,6 +63,7 @@ def test_inference_tiles_cover_a_frame_with_little_overlap_work():
     np.testing.assert_allclose(untile(tiles, tmap), frame, atol=1e-6)  # the tiles blend back to the frame
     assert inference_tile_side((1664, 1000), 512, 32) == 448  # square tiles: the longer side decides
     assert inference_tile_side((100, 70), 512, 16) == 128  # a small frame: one tile just larger than it
+    assert inference_tile_side((512, 384), 512, 128) == 512  # the paper's resized frame: one tile, as before
     with pytest.raises(ValueError, match="multiple of 32"):
         inference_tile_side((100, 100), 100, 16)
 

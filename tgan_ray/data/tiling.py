@@ -187,9 +187,12 @@ def inference_tile_side(shape: tuple[int, int], max_side: int, overlap_px: int, 
     margin = overlap_px // 2
     side = multiple
     for length in shape:
-        needed = length + 2 * margin
-        count = max(1, math.ceil((needed - overlap_px) / (max_side - overlap_px)))
-        fit = math.ceil((needed - overlap_px) / count) + overlap_px
+        if length <= max_side:  # one tile holds the axis: tile_image centres the frame in it, no overlap
+            fit = length
+        else:
+            needed = length + 2 * margin
+            count = math.ceil((needed - overlap_px) / (max_side - overlap_px))
+            fit = math.ceil((needed - overlap_px) / count) + overlap_px
         side = max(side, min(max_side, multiple * math.ceil(fit / multiple)))
     return side
 
