@@ -102,9 +102,8 @@ def actor_pool_options(cfg: Config, free_cpus: float) -> dict[str, Any]:
     total = resources.get("CPU", 0)
     is_local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     cpus = so.cpus_per_actor
-    if (
-        cpus is None
-    ):  # local: the actors share every CPU the reading and writing tasks leave; a cluster: 1 each
+    # None: locally, the actors share every CPU the reading and writing tasks leave; on a cluster, 1 each.
+    if cpus is None:
         cpus = max(0.25, (total - free_cpus) / so.actors) if is_local else 1.0
     options: dict[str, Any] = {"compute": ray.data.ActorPoolStrategy(size=so.actors), "num_cpus": cpus}
     if use_gpu(cfg.ray):
