@@ -325,9 +325,18 @@ def test_actor_segments_a_batch_in_pixel_bounded_groups(segmenter_path, stack_di
             {},
             set(),
         )
+        batched = actor.segmenter.probabilities
+        actor.segmenter.probabilities = lambda images, scales: (
+            groups.append(len(images)) or batched(images, scales)
+        )
         return actor(batch)
 
-    together, one_by_one = rows(tmp_path / "a", 10**9), rows(tmp_path / "b", 1)
+    groups: list[int] = []
+    together = rows(tmp_path / "a", 10**9)
+    assert groups == [3]  # the three readable frames in one pass
+    groups.clear()
+    one_by_one = rows(tmp_path / "b", 1)
+    assert groups == [1, 1, 1]
     assert list(together["status"]) == [STATUS_SEGMENTED] * 2 + [STATUS_ERROR] + [STATUS_SEGMENTED]
     assert list(one_by_one["status"]) == list(together["status"])
     np.testing.assert_array_equal(together["particle_count"], one_by_one["particle_count"])

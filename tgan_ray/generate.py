@@ -95,12 +95,12 @@ def actor_pool_options(cfg: Config, free_cpus: float) -> dict[str, Any]:
     """
     import ray
 
-    from tgan_ray.runtime import use_gpu
+    from tgan_ray.runtime import cluster_address, use_gpu
 
     so = cfg.scale_out
     resources = ray.cluster_resources()
     total = resources.get("CPU", 0)
-    is_local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    is_local = not cluster_address(cfg.ray)
     cpus = so.cpus_per_actor
     # None: locally, the actors share every CPU the reading and writing tasks leave; on a cluster, 1 each.
     if cpus is None:

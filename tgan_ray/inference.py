@@ -182,6 +182,21 @@ class Segmenter:
                 out[i] = p
         return out
 
+    def tiles_of(self, image: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, TileMap]:
+        """A normalised frame at its own resolution -> its inference tiles at the working scale (:meth:`tile`).
+
+        ``scale``: this frame's working scale, where it differs from the model's (another magnification).
+        """
+        from tgan_ray.data.working import to_working, working_scale
+
+        return self.tile(to_working(image, scale or working_scale(image.shape, self.data_cfg)))
+
+    def blend(self, probs: np.ndarray, tilemap: TileMap, shape: tuple[int, int]) -> np.ndarray:
+        """Tile probabilities from :meth:`predict_tiles` -> the frame's probability at its own resolution."""
+        from tgan_ray.data.working import to_original
+
+        return to_original(untile(probs, tilemap), shape)
+
     def probabilities(
         self, images: list[np.ndarray], scales: list[float | None] | None = None
     ) -> list[np.ndarray]:
@@ -190,18 +205,11 @@ class Segmenter:
         ``scales``: each frame's working scale where it differs from the model's (another magnification).
         The tiles of all the frames go through the network together: a GPU gets full batches from small frames.
         """
-        from tgan_ray.data.working import to_original, to_working, working_scale
-
         scales = scales or [None] * len(images)
-        works = [
-            to_working(im, s or working_scale(im.shape, self.data_cfg))
-            for im, s in zip(images, scales, strict=True)
-        ]
-        tiled = [self.tile(w) for w in works]
+        tiled = [self.tiles_of(im, s) for im, s in zip(images, scales, strict=True)]
         probs = self.predict_tile_stacks([tiles for tiles, _ in tiled])
         return [
-            to_original(untile(p, tilemap), im.shape)
-            for p, (_, tilemap), im in zip(probs, tiled, images, strict=True)
+            self.blend(p, tilemap, im.shape) for p, (_, tilemap), im in zip(probs, tiled, images, strict=True)
         ]
 
     def probability(self, image: np.ndarray, scale: float | None = None) -> np.ndarray:

@@ -750,11 +750,10 @@ class Pipeline:
 
         Skipped on a cluster (``ray.address``, or ``RAY_ADDRESS`` inside a Ray job) or with GPU workers, where
         this process's CPU says nothing about the workers'."""
-        from tgan_ray.runtime import use_gpu
+        from tgan_ray.runtime import cluster_address, use_gpu
         from tgan_ray.train.estimate import estimate_line, estimate_training
 
-        on_cluster = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        if self.manifest.done("round1/pix2pix") or on_cluster or use_gpu(self.cfg.ray):
+        if self.manifest.done("round1/pix2pix") or cluster_address(self.cfg.ray) or use_gpu(self.cfg.ray):
             return
         estimate = estimate_training(self.cfg)
         self.manifest.set("training_estimate", estimate)

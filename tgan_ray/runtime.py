@@ -24,6 +24,11 @@ _HANDLER_NAME = "tgan-run-log"
 _RUN_LOG: dict | None = None
 
 
+def cluster_address(cfg: RayConfig | None = None) -> str | None:
+    """The Ray cluster this process joins (``ray.address``, or ``RAY_ADDRESS`` inside a Ray job); None: local."""
+    return (cfg.address if cfg else None) or os.environ.get("RAY_ADDRESS")
+
+
 def init_ray(cfg: RayConfig | None = None, num_cpus: int | None = None, log_to_driver: bool = True):
     """Start (or join) Ray once per process.
 
@@ -36,7 +41,7 @@ def init_ray(cfg: RayConfig | None = None, num_cpus: int | None = None, log_to_d
 
     if ray.is_initialized():
         return ray
-    address = (cfg.address if cfg else None) or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     # ray.init resets the "ray" logger (and warns through Python's last-resort handler meanwhile): inside
     # library_logs_to, what it says goes to the run log, and the loggers are routed there again after it.
     quiet = contextlib.redirect_stderr(_RUN_LOG["handler"].stream) if _RUN_LOG else contextlib.nullcontext()

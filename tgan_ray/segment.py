@@ -281,6 +281,8 @@ class SegmentActor:
 
     def _flush(self, rows: list[dict[str, Any]], pending: list[int]) -> None:
         """Segment the frames read at ``rows[pending]`` together, then replace each by its finished row."""
+        if not pending:
+            return
         items = [rows[i] for i in pending]
         try:  # the frames go through the network together
             self._segment(items)

@@ -149,7 +149,6 @@ class SegmentationService:
 
     # -- per-request steps ------------------------------------------------------------------------------------
     def _prepare(self, data: bytes, name: str):
-        from tgan_ray.data.working import to_working, working_scale
         from tgan_ray.io import ImageReadError, UnsupportedFormatError, decode_image, normalize_intensity
 
         try:
@@ -161,15 +160,11 @@ class SegmentationService:
             raise RequestError(status, str(exc)) from None
         d = self.segmenter.data_cfg
         norm = normalize_intensity(image.data, d.norm_low_percentile, d.norm_high_percentile)
-        work = to_working(norm, working_scale(norm.shape, d))
-        tiles, tilemap = self.segmenter.tile(work)
+        tiles, tilemap = self.segmenter.tiles_of(norm)
         return image, tiles, tilemap
 
     def _to_mask(self, probs: np.ndarray, tilemap, shape: tuple[int, int]) -> np.ndarray:
-        from tgan_ray.data.tiling import untile
-        from tgan_ray.data.working import to_original
-
-        return self.segmenter.to_mask(to_original(untile(probs, tilemap), shape), MASK_THRESHOLD)
+        return self.segmenter.to_mask(self.segmenter.blend(probs, tilemap, shape), MASK_THRESHOLD)
 
     def _analyse(self, mask: np.ndarray, name: str, pixel_size_nm: float | None) -> tuple[list, dict]:
         from tgan_ray.analysis import measure_particles, psd_summary
