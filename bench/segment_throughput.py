@@ -151,16 +151,22 @@ def tgan_segment(model: Path, folder: Path, out: Path, cfg) -> float:
 
 
 def run(args) -> dict:
-    import torch
 
     from tgan_ray.config import load_config
-    from tgan_ray.inference import Segmenter
 
     overrides = {"data.resize_mode": "tile", "data.scale": args.scale}
     if args.smoke_test:
         overrides.update({"segmenter.encoder": "resnet18", "segmenter.decoder_channels": [16, 8, 8, 8, 8]})
     cfg = load_config(args.preset, overrides=overrides)
-    work = Path(tempfile.mkdtemp(prefix="segment-throughput-"))
+    with tempfile.TemporaryDirectory(prefix="segment-throughput-") as tmp:
+        return _measure(args, cfg, Path(tmp))
+
+
+def _measure(args, cfg, work: Path) -> dict:
+    import torch
+
+    from tgan_ray.inference import Segmenter
+
     model = Path(args.model) if args.model else build_model(cfg, work)
     seg = Segmenter(model, None if args.model else cfg.data, cfg.segmenter)
     torch.set_num_threads(os.cpu_count() or 1)
