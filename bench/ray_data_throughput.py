@@ -166,22 +166,20 @@ def bench_generation(cfg, paths, args, work: Path) -> list[tuple[str, str, int, 
 def bench_segmentation(cfg, paths, args, work: Path) -> list[tuple[str, str, int, float]]:
     from tgan_ray.analysis import measure_particles
     from tgan_ray.inference import Segmenter
-    from tgan_ray.io import list_stack, normalize_intensity, read_image, write_mask_png
+    from tgan_ray.io import list_stack, read_image, write_mask_png
     from tgan_ray.segment import segment_stack
 
     uris = list_stack(paths["stack"])
     seg = Segmenter(paths["segmenter"], cfg.data, cfg.segmenter, args.device)
     d = cfg.data
-    frames = [
-        normalize_intensity(read_image(u).data, d.norm_low_percentile, d.norm_high_percentile) for u in uris
-    ]
+    frames = [d.normalize(read_image(u).data) for u in uris]
     seg.segment(frames[0])  # warm-up
     model_only = timed(lambda: [seg.segment(f) for f in frames])
 
     def end_to_end() -> None:
         for u in uris:
             em = read_image(u)
-            mask = seg.segment(normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile))
+            mask = seg.segment(d.normalize(em.data))
             write_mask_png(work / "plain-seg" / "masks" / f"{Path(u).stem}.png", mask)
             measure_particles(mask, Path(u).stem, em.pixel_size_nm)
 

@@ -69,10 +69,10 @@ def write_frames(folder: Path, n: int, size: int, sources: list[Path]) -> list[P
 
 
 def _normalised(seg, path: Path) -> np.ndarray:
-    from tgan_ray.io import normalize_intensity, read_image
+    from tgan_ray.io import read_image
 
     d = seg.data_cfg
-    return normalize_intensity(read_image(path).data, d.norm_low_percentile, d.norm_high_percentile)
+    return d.normalize(read_image(path).data)
 
 
 def _post(mask: np.ndarray, stem: str):

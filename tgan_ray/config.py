@@ -89,6 +89,12 @@ class DataConfig(_Section):
         description="Pixel size in nm; overrides file metadata. None: use metadata, else report px.",
     )
 
+    def normalize(self, image):
+        """A raw frame as the networks see it: float32 in [0, 1] between this config's intensity percentiles."""
+        from tgan_ray.io import normalize_intensity
+
+        return normalize_intensity(image, self.norm_low_percentile, self.norm_high_percentile)
+
 
 class StorageConfig(_Section):
     s3_endpoint_url: str | None = Field(

@@ -122,7 +122,7 @@ class Pipeline:
     def step_stack(self) -> dict[str, Any]:
         from tgan_ray.data.splits import split_stack
         from tgan_ray.data.working import to_working, working_scale
-        from tgan_ray.io import list_stack, load_stack, normalize_intensity
+        from tgan_ray.io import list_stack, load_stack
         from tgan_ray.masks.rough import MIN_FRAME_PX
         from tgan_ray.segment import unique_stems
 
@@ -131,9 +131,7 @@ class Pipeline:
         stems = unique_stems(uris)  # segment_stack (step 8) names the masks the same way
         ems, skipped = load_stack(uris, self.cfg.storage, min_images=max(d.min_images, d.subset1_size + 1))
         sidecar = _sidecar_pixel_size(uris[0]) if uris else None
-        normalised = [
-            normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile) for em in ems
-        ]
+        normalised = [d.normalize(em.data) for em in ems]
         # Frames too small to analyse (thumbnails, crops of a few px) are segmented in step 8 but not learnt from.
         big = [n for n in normalised if min(n.shape) >= MIN_FRAME_PX]
         if not big:

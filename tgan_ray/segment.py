@@ -203,7 +203,7 @@ class SegmentActor:
 
     def _read(self, uri: str, data: bytes) -> dict[str, Any]:
         """Decode and normalise one frame, or find its mask from before: ``{row, em, image | None, mask}``."""
-        from tgan_ray.io import decode_image, normalize_intensity
+        from tgan_ray.io import decode_image
 
         stem = self.stems.get(uri) or Path(uri.rsplit("/", 1)[-1]).stem
         item: dict[str, Any] = {"row": _error_row(stem, uri, ""), "image": None, "mask": None}
@@ -212,7 +212,7 @@ class SegmentActor:
         item["mask"] = self._reuse(item["mask_uri"], em.data.shape) if stem in self.done else None
         if item["mask"] is None:
             d = self.data_cfg
-            item["image"] = normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile)
+            item["image"] = d.normalize(em.data)
         return item
 
     def _segment(self, items: list[dict[str, Any]]) -> None:
@@ -336,7 +336,7 @@ def rough_stack_settings(uris: list[str], cfg: Config) -> dict[str, Any]:
     Raises:
         ScaleOutError: none of the sampled frames could be read.
     """
-    from tgan_ray.io import decode_image, normalize_intensity
+    from tgan_ray.io import decode_image
     from tgan_ray.masks import ClassicalSegmenter
 
     if cfg.rough.method != "classical":
@@ -350,7 +350,7 @@ def rough_stack_settings(uris: list[str], cfg: Config) -> dict[str, Any]:
             raise
         except Exception:  # noqa: BLE001 - an unreadable frame is reported by the actors, with its reason
             continue
-        frames.append(normalize_intensity(em.data, d.norm_low_percentile, d.norm_high_percentile))
+        frames.append(d.normalize(em.data))
     if not frames:
         raise ScaleOutError(f"none of the {len(picks)} frames sampled from the stack could be read")
     r = cfg.rough

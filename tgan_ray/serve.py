@@ -149,7 +149,7 @@ class SegmentationService:
 
     # -- per-request steps ------------------------------------------------------------------------------------
     def _prepare(self, data: bytes, name: str):
-        from tgan_ray.io import ImageReadError, UnsupportedFormatError, decode_image, normalize_intensity
+        from tgan_ray.io import ImageReadError, UnsupportedFormatError, decode_image
 
         try:
             image = decode_image(data, name, max_pixels=self.cfg.serve.max_pixels)
@@ -159,7 +159,7 @@ class SegmentationService:
             status = 413 if exc.reason.startswith(("image too large", "not enough memory")) else 400
             raise RequestError(status, str(exc)) from None
         d = self.segmenter.data_cfg
-        norm = normalize_intensity(image.data, d.norm_low_percentile, d.norm_high_percentile)
+        norm = d.normalize(image.data)
         tiles, tilemap = self.segmenter.tiles_of(norm)
         return image, tiles, tilemap
 

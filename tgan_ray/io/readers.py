@@ -3,7 +3,7 @@
     img = read_image("s3://em-data/stack1/img_001.dm4", cfg.storage)
     img.data            # float32 HxW, raw intensities (counts), not normalised
     img.pixel_size_nm   # 0.5, from the file's calibration; None when the file has none
-    x = normalize_intensity(img, cfg.data.norm_low_percentile, cfg.data.norm_high_percentile)
+    x = cfg.data.normalize(img.data)
 
 Decoding goes by the file's magic bytes first and its extension second, so a raw HTTP body (Serve) or a
 mislabelled file still decodes. Every failure is an :class:`ImageReadError` whose one-line message names the file.
