@@ -46,3 +46,20 @@ def test_empty_masks_and_particles_without_a_ring_are_kept():
     full = np.ones((16, 16), bool)  # no support around it to compare with
     assert shows_all_particles(image, full, 0.2) and shows_all_particles(image, empty, 0.2)
     assert median_contrast([image], [empty]) == 0.0
+
+
+@pytest.mark.parametrize("polarity", [1.0, -1.0])
+def test_a_particle_painted_outside_the_mask_is_found_by_the_classical_segmenter(polarity):
+    from tgan_ray.masks import ClassicalSegmenter
+    from tgan_ray.masks.consistency import unmasked_particles
+
+    image, mask, missing = _pair(polarity)
+    image[missing] += polarity * 0.28  # now drawn, as strongly as the others
+    painted = _disk(image.shape, (16, 48), 5)
+    image[painted] += polarity * 0.3  # a particle the mask does not have
+    contrast = "bright" if polarity > 0 else "dark"
+    candidates = ClassicalSegmenter(contrast, confidence=0.0).segment(image, 5.0)
+    unsure = unmasked_particles(candidates, mask)
+    assert unsure[painted].mean() > 0.8
+    assert not (unsure & mask).any()  # a blob touching a masked particle keeps its label
+    assert not unmasked_particles(candidates, mask | painted).any()

@@ -145,6 +145,8 @@ def test_resume_after_crash_skips_finished_steps(finished_run):
     for step in ("stack", "round1/rough", "round1/prior", "round1/pix2pix", "round1/gen1"):
         assert f"== {step}: done earlier, skipped" in resumed
     assert "== round1/cyclegan ..." in resumed
+    # Step 7 left the blobs the generators painted outside their masks out of the loss (ignore_unmasked).
+    assert any("blobs painted outside their masks" in line for line in resumed), resumed
     # The training estimate comes once, before the first training step, and not again on resume.
     estimates = [line for line in finished_run["first"] if "training ~" in line]
     assert len(estimates) == 1 and "warm-up" in estimates[0], finished_run["first"]

@@ -214,6 +214,12 @@ class SegmenterConfig(_Section):
         "this x the real particles' median contrast left that particle out: the pair takes the other "
         "generation's image when that one shows every particle. 0: no check.",
     )
+    ignore_unmasked: bool = Field(
+        True,
+        description="Leave out of the loss the blobs a virtual image shows where its mask has no particle "
+        "(the classical segmenter's loosest candidates; masks/consistency.py). The generators learned from "
+        "rough masks that miss particles, so they paint some without a mask. False: such blobs are background.",
+    )
     min_particle_fraction: float = Field(
         0.5,
         ge=0,

@@ -566,6 +566,8 @@ class Pipeline:
         n_val = max(1, round(len(pairs) * 0.2))  # paper: train:test 4:1
         noise = self._missing_noise(images)
         real_images, real_labels = self._pseudo_labelled_crops(len(pairs) - n_val, rnd)
+        if self.cfg.segmenter.ignore_unmasked:
+            masks[n_val:] = self._unmasked_left_out(images[n_val:], masks[n_val:], rnd)
         result = train_stage(
             "segmenter",
             self.cfg.segmenter,
@@ -597,6 +599,32 @@ class Pipeline:
             },
         )
         return {**result.to_dict(), "model": str(path), "noise_std": noise}
+
+    def _unmasked_left_out(self, images: np.ndarray, masks: np.ndarray, rnd: int) -> np.ndarray:
+        """Training masks with the particles a generator painted outside its mask marked unsure (IGNORE)."""
+        from tgan_ray.masks import ClassicalSegmenter
+        from tgan_ray.masks.consistency import unmasked_particles
+        from tgan_ray.masks.pseudo import IGNORE
+
+        settings = self.manifest.outputs("round1/rough").get("settings")
+        if not settings:  # rough.method sam / model: no classical settings of this stack yet
+            stems = [f["stem"] for f in self.manifest.outputs("stack")["frames"]]
+            work = [self._work(stems[i]) for i in _spread(len(stems))]
+            contrast, radii = ClassicalSegmenter(self.cfg.rough.particle_contrast).stack_radii(work)
+            settings = {"contrast": contrast, "radii": radii}
+        r = self.cfg.rough
+        strict = ClassicalSegmenter(settings["contrast"], r.min_particle_px, r.confidence)
+        loose = ClassicalSegmenter(settings["contrast"], r.min_particle_px, confidence=0.0)
+        out, left_out = masks.copy(), 0.0
+        for image, label in zip(images, out):
+            radius, _ = strict.pick_radius(image, settings["radii"])
+            unsure = unmasked_particles(loose.segment(image, radius), label)
+            label[unsure] = IGNORE
+            left_out += float(unsure.mean()) / len(images)
+        self.log(
+            f"   blobs painted outside their masks: {left_out:.1%} of training pixels left out of the loss"
+        )
+        return out
 
     def _pseudo_labelled_crops(self, n_virtual: int, rnd: int) -> tuple[np.ndarray, np.ndarray]:
         """Real crops of the non-test frames with step 2's pseudo-labels, ``segmenter.real_fraction`` of the set."""

@@ -197,8 +197,9 @@ class SegmenterStage(Stage):
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, self.cfg.lr_step, self.cfg.lr_gamma)
         noise_std = float(data["noise_std"]) if "noise_std" in data else None
         transform = segmenter_transform(noise_std) if self.cfg.augment == "em" else train_transform()
+        # Virtual masks may mark blobs painted outside the mask unsure (segmenter.ignore_unmasked).
         train = SegmentationDataset(
-            list(data["train_images"]), list(data["train_masks"]), transform=transform
+            list(data["train_images"]), list(data["train_masks"]), transform=transform, ignore_label=IGNORE
         )
         if len(data.get("real_images", ())):
             # Real crops with pseudo-labels (masks/pseudo.py): their own noise, and unsure pixels left out.
