@@ -140,6 +140,29 @@ def test_a_frame_at_another_magnification_gets_its_own_working_scale(tmp_path):
     assert abs(work.shape[0] - 384 * scales["zoomed"]) <= 1
 
 
+def test_blobs_outside_a_virtual_mask_are_left_out_without_classical_settings(tmp_path):
+    """Step 7 with a rough step that left no classical settings (rough.method sam / model): the stack's own
+    contrast and radii are measured, and a particle the mask lacks is marked unsure while the mask's are kept."""
+    from tgan_ray.masks.pseudo import IGNORE
+
+    stack = make_stack(tmp_path / "stack", n=4, modality="haadf", size=128, seed=4) / "images"
+    pipeline = Pipeline(str(stack), tmp_path / "run", load_config("quick", overrides=TINY), log=print)
+    frames = pipeline._step("stack", pipeline.step_stack)["frames"]
+    pipeline.manifest.mark_done("round1/rough", {"folder": str(tmp_path)}, 0.0)  # no "settings"
+    pipeline.tracker.end()
+    from skimage.measure import label
+
+    from tgan_ray.masks import ClassicalSegmenter
+
+    work = pipeline._work(frames[0]["stem"])
+    blobs = label(ClassicalSegmenter("bright").segment(work))
+    assert blobs.max() >= 2, "the synthetic frame needs two particles"
+    kept = blobs == 1  # the mask holds one particle; the generator "painted" the others
+    out = pipeline._unmasked_left_out(work[None], kept[None].astype(np.uint8), rnd=1)[0]
+    assert (out[kept] == 1).all()
+    assert (out == IGNORE).any() and (out[(blobs > 1)] == IGNORE).mean() > 0.5
+
+
 def test_resume_after_crash_skips_finished_steps(finished_run):
     resumed = finished_run["resumed"]
     for step in ("stack", "round1/rough", "round1/prior", "round1/pix2pix", "round1/gen1"):
