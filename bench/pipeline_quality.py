@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from tgan_ray.io import read_mask_png
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -25,8 +26,7 @@ def score(pred_masks: dict[str, np.ndarray], gt_dir: Path) -> dict[str, float]:
     from tgan_ray.metrics.segmentation import aggregate, segmentation_scores
 
     rows = [
-        segmentation_scores(pred, np.asarray(Image.open(gt_dir / f"{stem}.png")) > 127)
-        for stem, pred in pred_masks.items()
+        segmentation_scores(pred, read_mask_png(gt_dir / f"{stem}.png")) for stem, pred in pred_masks.items()
     ]
     agg = aggregate(rows)
     return {k: agg[k] for k in ("miou", "iou", "precision", "recall", "f1")}
@@ -81,7 +81,7 @@ def main() -> None:
     t = time.time()
     run_pipeline(str(stack / "images"), out / "run", cfg, log=lambda m: None)
     minutes = (time.time() - t) / 60
-    label_free = {s: np.asarray(Image.open(out / "run" / "masks" / f"{s}.png")) > 127 for s in rough_masks}
+    label_free = {s: read_mask_png(out / "run" / "masks" / f"{s}.png") for s in rough_masks}
 
     rows = {
         "(a) rough segmenter (classical)": score(rough_masks, stack / "masks"),

@@ -122,8 +122,7 @@ def _diameters(mask: np.ndarray, boxes: bool) -> np.ndarray:
 
 def score_stack(stack: Stack, masks: dict[str, np.ndarray], box_iou: float) -> dict[str, float]:
     """Scores of one segmenter's masks (stem -> bool mask at the frame's resolution) over the whole stack."""
-    from PIL import Image
-
+    from tgan_ray.io import read_mask_png
     from tgan_ray.metrics.segmentation import aggregate, box_detection_scores, segmentation_scores
 
     found, reference, pred_d, ref_d, rows = 0, 0, [], [], []
@@ -131,7 +130,7 @@ def score_stack(stack: Stack, masks: dict[str, np.ndarray], box_iou: float) -> d
     for stem, truth in stack.truth.items():
         mask = masks[stem]
         if stack.reference == "masks":
-            gt = np.asarray(Image.open(truth)) > 127
+            gt = read_mask_png(truth)
             rows.append(segmentation_scores(mask, gt))
             ref_d.append(_diameters(gt, boxes=False))
             reference += int(rows[-1]["tp"] + rows[-1]["fn"])
@@ -168,11 +167,10 @@ def score_stack(stack: Stack, masks: dict[str, np.ndarray], box_iou: float) -> d
 
 def _read_masks(folder: Path, stems) -> dict[str, np.ndarray]:
     """Particles as the particle table counts them: each mask split with ``split_touching`` (for either segmenter)."""
-    from PIL import Image
-
     from tgan_ray.analysis import split_touching
+    from tgan_ray.io import read_mask_png
 
-    return {s: split_touching(np.asarray(Image.open(folder / f"{s}.png")) > 127) for s in stems}
+    return {s: split_touching(read_mask_png(folder / f"{s}.png")) for s in stems}
 
 
 def _link_frames(stack: Stack, folder: Path) -> Path:

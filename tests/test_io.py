@@ -24,6 +24,7 @@ from tgan_ray.io import (
     load_stack,
     normalize_intensity,
     read_image,
+    read_mask_png,
     read_stack,
     write_mask_png,
     write_png,
@@ -360,6 +361,7 @@ def test_write_png_and_mask_roundtrip(tmp_path):
     back = read_image(tmp_path / "m.png").data
     assert set(np.unique(back)) <= {0.0, 255.0}
     np.testing.assert_array_equal(back > 0, mask)
+    np.testing.assert_array_equal(read_mask_png(tmp_path / "m.png"), mask)
     # atomic writes leave no temporary files behind
     assert sorted(os.listdir(tmp_path)) == ["f.png", "m.png", "sub"] and os.listdir(tmp_path / "sub") == [
         "w.png"

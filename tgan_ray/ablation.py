@@ -138,9 +138,9 @@ class Ablation:
         return {"folder": str(self.rough_dir)}
 
     def _mask(self, stem: str) -> np.ndarray:
-        from PIL import Image
+        from tgan_ray.io import read_mask_png
 
-        return (np.asarray(Image.open(self.rough_dir / f"{stem}.png")) > 127).astype(np.uint8)
+        return read_mask_png(self.rough_dir / f"{stem}.png").astype(np.uint8)
 
     # -- training -------------------------------------------------------------------------------------------
     def train_pix2pix(self, train: list[str], pool: list[str], rough: dict, prior: dict, crops: int) -> dict:

@@ -57,8 +57,11 @@ class PipelineResult:
 def _load_pngs(folder: Path, names: list[str], is_mask: bool = False) -> np.ndarray:
     from PIL import Image
 
-    arrays = [np.asarray(Image.open(folder / n)) for n in names]
-    return np.stack([(a > 127).astype(np.uint8) if is_mask else a.astype(np.float32) / 255 for a in arrays])
+    from tgan_ray.io import read_mask_png
+
+    if is_mask:
+        return np.stack([read_mask_png(folder / n).astype(np.uint8) for n in names])
+    return np.stack([np.asarray(Image.open(folder / n)).astype(np.float32) / 255 for n in names])
 
 
 class Pipeline:
@@ -867,9 +870,9 @@ def _count(mask: np.ndarray) -> int:
 
 
 def _load_mask(path: Path) -> np.ndarray:
-    from PIL import Image
+    from tgan_ray.io import read_mask_png
 
-    return np.asarray(Image.open(path)) > 127
+    return read_mask_png(path)
 
 
 def _save_pngs_named(folder: Path, stems: list[str], masks: list[np.ndarray]) -> None:

@@ -26,6 +26,7 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
     from tgan_ray.analysis.plots import plot_overlay, plot_psd, plot_shapes
     from tgan_ray.analysis.psd import psd_summary, write_summary
     from tgan_ray.analysis.report import write_particles_csv, write_particles_parquet, write_report
+    from tgan_ray.io import read_mask_png
 
     run_dir: Path = pipe.run_dir
     plots = run_dir / "plots"
@@ -53,7 +54,7 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
     }
     for frame in stack["frames"][: pipe.cfg.run.report_overlays]:
         image = pipe._work(frame["stem"])
-        mask = np.asarray(Image.open(Path(masks["folder"]) / f"{frame['stem']}.png")) > 127
+        mask = read_mask_png(Path(masks["folder"]) / f"{frame['stem']}.png")
         mask_small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.shape[::-1])) > 127
         figures[f"Masks on {frame['stem']}"] = plot_overlay(
             image, mask_small, plots / f"overlay_{frame['stem']}.png", frame["stem"]
@@ -142,6 +143,7 @@ def _sample_grid(pipe, stack: dict, rnd: int, plots: Path) -> Path:
 
     from tgan_ray.analysis.plots import plot_grid
     from tgan_ray.data.working import random_crops
+    from tgan_ray.io import read_mask_png
 
     round_dir = pipe.run_dir / f"round{rnd}"
     virtual = round_dir / "virtual"
@@ -156,13 +158,13 @@ def _sample_grid(pipe, stack: dict, rnd: int, plots: Path) -> Path:
             pipe.cfg.data.image_size,
             1,
             rng,
-            [np.asarray(Image.open(round_dir / "rough" / f"{stem}.png")) > 127],
+            [read_mask_png(round_dir / "rough" / f"{stem}.png")],
         )
         rows.append(
             [
                 real[0],
                 rough[0].astype(np.float32),
-                (np.asarray(Image.open(virtual / "masks" / name)) > 127).astype(np.float32),
+                read_mask_png(virtual / "masks" / name).astype(np.float32),
                 np.asarray(Image.open(virtual / "gen1" / name), dtype=np.float32) / 255,
                 np.asarray(Image.open(virtual / "images" / name), dtype=np.float32) / 255,
             ]

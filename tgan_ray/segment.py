@@ -193,10 +193,10 @@ class SegmentActor:
         self.fallback_pixel_size_nm = fallback_pixel_size_nm
 
     def _reuse(self, mask_uri: str, shape: tuple[int, ...]) -> np.ndarray | None:
-        from tgan_ray.io import decode_image
+        from tgan_ray.io import read_mask_png
 
         try:
-            mask = decode_image(st.read_bytes(mask_uri, self.storage), mask_uri).data > 127
+            mask = read_mask_png(mask_uri, self.storage)
         except Exception:  # noqa: BLE001 - an unreadable old mask is simply made again
             return None
         return mask if mask.shape == shape else None

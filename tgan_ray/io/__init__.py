@@ -9,6 +9,7 @@ from tgan_ray.io.readers import (
     decode_image,
     normalize_intensity,
     read_image,
+    read_mask_png,
     write_mask_png,
     write_png,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "split_s3",
     "upload_file",
     "write_bytes",
+    "read_mask_png",
     "write_mask_png",
     "write_png",
 ]

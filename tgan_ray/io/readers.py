@@ -459,3 +459,17 @@ def write_mask_png(path: str | os.PathLike, mask: np.ndarray, storage: StorageCo
     if mask.ndim != 2:
         raise ValueError(f"cannot write {path}: a mask must be HxW, got shape {mask.shape}")
     write_png(path, (mask != 0).astype(np.uint8) * 255, storage)
+
+
+def read_mask_png(path_or_uri: str | os.PathLike, storage: StorageConfig | None = None) -> np.ndarray:
+    """The mask :func:`write_mask_png` wrote, locally or from S3: True where the PNG is over 127.
+
+    A pseudo-label's unsure value (127, ``masks/pseudo.py``) reads as background.
+
+    Shape:
+        returns: (H, W) bool.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(read_bytes(str(path_or_uri), storage))) as png:
+        return np.asarray(png) > 127
