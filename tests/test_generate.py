@@ -130,8 +130,10 @@ def test_generate_to_s3_then_complete_lost_pairs(ray_s3, s3_bucket, artefacts):
     assert rewritten - {"gen/manifest.parquet"} <= pair_files and set(lost) <= set(after)
     assert sorted(k for k in after if k.endswith(".png")) == sorted(k for k in objects if k.endswith(".png"))
     np.testing.assert_array_equal(_png(client, bucket, "gen/masks/0000005.png"), old_mask5)
-    for i, image in old_images.items():  # pix2pix's noise comes from (seed, index) too: the same pair again
-        np.testing.assert_array_equal(_png(client, bucket, f"gen/images/{i:07d}.png"), image)
+    for i, image in old_images.items():  # pix2pix's noise comes from (seed, index) too: the same pair again,
+        # within generate_dataset's promise of one grey level (bit-identical here; CPU kernels may round apart)
+        again_image = _png(client, bucket, f"gen/images/{i:07d}.png").astype(int)
+        assert np.abs(again_image - image).max() <= 1 and (again_image != image).mean() < 0.01
     manifest2 = pd.read_parquet(
         io.BytesIO(client.get_object(Bucket=bucket, Key="gen/manifest.parquet")["Body"].read())
     )

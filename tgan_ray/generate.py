@@ -375,6 +375,10 @@ def generate_dataset(
     Returns:
         :class:`GenerateResult`; ``<out>/manifest.parquet`` lists all ``n`` pairs.
 
+    A pair is a function of (seed, index) and the models: a re-run writes the same mask, and the same image
+    within one grey level (each generator pass has the same batch size, so on one machine it is bit-identical;
+    CPU kernels of another build or instruction set may round a pixel the other way).
+
     Raises:
         StorageError: ``out`` (bucket, credentials, endpoint) is unusable; raised before any Ray work.
         ScaleOutError: a missing model or prior, ``n`` < 1, settings that differ from an earlier run into
