@@ -1,6 +1,8 @@
 """Shared plumbing for every Ray Train stage: device, precision, seeding, data sharding, checkpoints.
 
-Nothing here knows a model: stages (``gan.py``, ``segmenter.py``) bring the networks, this brings the machine.
+Nothing here knows a model: stages (``stages.py``) bring the networks, this brings the machine. A stage runs
+inside a Ray Train worker (:func:`setup_worker`) or in a plain process (:func:`local_context`: one rank, no Ray),
+which is how a stage is unit-tested, profiled or stepped through in a debugger.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class WorkerContext:
     precision: str  # "bf16" or "fp32"
     channels_last: bool
     seed: int
+    in_ray_train: bool = True  # False: a plain process (local_context), where nothing may call Ray Train
 
     @property
     def is_main(self) -> bool:
@@ -80,6 +83,22 @@ def setup_worker(ray_cfg: dict[str, Any], seed: int) -> WorkerContext:
     )
 
 
+def local_context(
+    seed: int = 0, device: str = "cpu", precision: str = "fp32", channels_last: bool = False
+) -> WorkerContext:
+    """A one-rank context outside Ray: the same stage code, without a Ray Train worker around it."""
+    seed_everything(seed)
+    return WorkerContext(
+        device=torch.device(device),
+        rank=0,
+        world_size=1,
+        precision=precision,
+        channels_last=channels_last,
+        seed=seed,
+        in_ray_train=False,
+    )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -92,11 +111,13 @@ def prepare_network(net: torch.nn.Module, ctx: WorkerContext) -> torch.nn.Module
     Each network of a GAN is prepared on its own: one DDP wrapper per network, two plain optimisers.
     ``broadcast_buffers=False``: a discriminator runs forward twice (real, fake) before one backward.
     """
-    import ray.train.torch
-
     net = net.to(ctx.device)
     if ctx.channels_last:
         net = net.to(memory_format=torch.channels_last)
+    if not ctx.in_ray_train:
+        return net
+    import ray.train.torch
+
     return ray.train.torch.prepare_model(
         net, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False}
     )
@@ -128,8 +149,6 @@ def build_loader(
     num_workers: int = 0,
 ) -> DataLoader:
     """A DataLoader sharded across ranks by Ray Train's ``prepare_data_loader`` (DistributedSampler)."""
-    import ray.train.torch
-
     if steps_per_epoch:
         dataset = RepeatDataset(dataset, steps_per_epoch * batch_size * ctx.world_size)
     elif len(dataset) < batch_size * ctx.world_size:
@@ -143,6 +162,10 @@ def build_loader(
         pin_memory=ctx.device.type == "cuda",
         persistent_workers=num_workers > 0,
     )
+    if not ctx.in_ray_train:
+        return loader
+    import ray.train.torch
+
     return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
 
