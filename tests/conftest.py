@@ -21,7 +21,21 @@ for _key, _value in _TEST_CREDENTIALS.items():
     os.environ.setdefault(_key, _value)
 
 
+# A test that starts one of these (a Ray instance, an S3 or MLflow server, a whole run) is an integration test.
+INTEGRATION_FIXTURES = {"ray_local", "s3_server", "local_cluster", "smoke", "finished_run"}
+STAGE_MODULES = {"test_stage_loops", "test_train_stages"}
+
+
+def _kind(item) -> str:
+    """unit, stages or integration: ``pytest -m unit`` is the fast part, ``-m stages`` the training loops."""
+    if "integration" in item.keywords or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "integration"
+    return "stages" if item.module.__name__.rsplit(".", 1)[-1] in STAGE_MODULES else "unit"
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(getattr(pytest.mark, _kind(item)))
     run_slow = os.environ.get("TGAN_RUN_SLOW") == "1"
     try:
         import torch

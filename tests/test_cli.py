@@ -154,6 +154,7 @@ def test_a_run_that_fails_its_checks_prints_one_line_and_leaves_no_folder(tmp_pa
     assert "is a file" in not_a_folder.output and len(not_a_folder.output.strip().splitlines()) == 1
 
 
+@pytest.mark.integration  # `tgan demo` in a subprocess
 def test_the_demo_terminal_shows_our_steps_not_rays_logs(tmp_path):
     """`tgan demo` as a user starts it, in its own process and Ray: each step's lines and the training
     progress, each once; Ray's, Train's and MLflow's logs go to the run's log file, which the last line names."""

@@ -39,6 +39,7 @@ def test_a_larger_tile_is_timed_at_two_probes_and_extrapolated(monkeypatch):
     assert timed == [64]
 
 
+@pytest.mark.integration  # times real optimiser steps
 def test_estimate_times_every_stage_and_says_when_a_cpu_run_is_long():
     cfg = load_config("quick", overrides={"segmenter.steps_per_epoch": 1, "run.rounds": 2})
     estimate = est.estimate_training(cfg)

@@ -377,5 +377,6 @@ def _ddp_worker(rank: int, world_size: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration  # a gloo process group
 def test_gans_train_under_ddp_with_each_net_wrapped(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "dist_init")), nprocs=2, join=True)

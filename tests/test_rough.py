@@ -128,6 +128,7 @@ def test_touching_particles_stay_apart():
     assert label(mask, connectivity=2).max() == 2
 
 
+@pytest.mark.integration  # a 2048 px frame
 def test_large_frame_is_fast():
     image, truth = em_frame(seed=7, size=2048, n=400, radius=6.0)
     # CPU seconds, not wall time: the test machine's cores are shared with other jobs.

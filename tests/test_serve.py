@@ -306,6 +306,7 @@ def test_request_past_its_deadline_gets_504_and_the_replica_lives(endpoint, tiny
         serve.delete(name)
 
 
+@pytest.mark.integration  # builds Serve's application
 def test_queue_and_deadline_settings_reach_serve(tiny_model):
     from tgan_ray.serve import deployment_options, proxy_timeout_s
 
