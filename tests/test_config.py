@@ -125,3 +125,14 @@ def test_cli_and_jobs_share_the_set_parser(tmp_path):
     assert (
         job.returncode == 2 and job.stderr.strip() == "error: --set expects KEY=VALUE, got 'segmenter.epochs'"
     )
+
+
+def test_with_overrides_changes_one_field_and_names_a_wrong_key():
+    from tgan_ray.config import with_overrides
+
+    cfg = load_config("cpu")
+    changed = with_overrides(cfg, {"segmenter.real_fraction": 0.0})
+    assert changed.segmenter.real_fraction == 0.0 and cfg.segmenter.real_fraction == 0.5
+    assert changed.model_copy(update={"segmenter": cfg.segmenter}) == cfg  # nothing else moved
+    with pytest.raises(ConfigError, match="segmenter.nope"):
+        with_overrides(cfg, {"segmenter.nope": 1})

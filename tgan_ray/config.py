@@ -174,6 +174,12 @@ class Pix2PixConfig(GANConfig):
         description="Noise maps given to the generator beside the mask, so one mask can become many images "
         "(the reference pix2pix uses dropout; U-Net++ has none). 0: deterministic.",
     )
+    unsure_input: bool = Field(
+        False,
+        description="Give the generator what step 2 is unsure of (found only at the classical segmenter's "
+        "loosest setting) as a third input value, 0 between background -1 and particle 1. Then background in "
+        "a mask means 'no particle', and masks drawn from the prior (only -1 and 1) get no painted extras.",
+    )
 
 
 class CycleGANConfig(GANConfig):
@@ -530,6 +536,11 @@ def load_config(
     if overrides:
         merged = _deep_merge(merged, _dotted_to_nested(overrides))
     return build_config(merged, source)
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any], source: str = "--set") -> Config:
+    """``cfg`` with dotted overrides applied (``{"segmenter.epochs": 5}``), validated as a whole."""
+    return build_config(_deep_merge(config_to_dict(cfg), _dotted_to_nested(overrides)), source)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
