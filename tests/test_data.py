@@ -271,6 +271,35 @@ def test_paired_dataset_shapes_ranges_and_alignment():
     assert ((item["image"][0] > 0) == (item["label"] > 0)).float().mean() > 0.98
 
 
+def test_unsure_mask_regions_reach_pix2pix_as_a_third_value():
+    """pix2pix.unsure_input: what step 2 is unsure of is 0 in the generator's input (between background -1 and
+    particle 1), moves with the image under augmentation, and is not a particle in the label."""
+    images, masks = _pairs(n=1, size=64)
+    mask = masks[0].astype(np.uint8)
+    mask[:, :32][mask[:, :32] == 0] = 255  # the left half's background is unsure
+    image = images[0].copy()
+    image[:, :32] = 250  # ... and bright in the image, so that alignment can be checked
+    ds = PairedDataset(
+        [image],
+        [mask],
+        transform=train_transform(noise_std_range=(0.0, 0.0)),
+        size=64,
+        seed=3,
+        unsure_label=255,
+    )
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        unsure = item["mask"][0] == 0
+        assert set(item["mask"].unique().tolist()) <= {-1.0, 0.0, 1.0} and unsure.any()
+        assert (item["label"][unsure] == 0).all()
+        assert (item["image"][0][unsure] > 0).float().mean() > 0.95  # the bright half moved with it
+    plain = PairedDataset([image], [mask], size=64, train=False)[
+        0
+    ]  # no unsure_label: any value > 0 is a particle
+    assert set(plain["mask"].unique().tolist()) == {-1.0, 1.0}
+
+
 def test_seeded_items_are_reproducible_and_vary_by_epoch():
     images, masks = _pairs(size=120)
     ds = PairedDataset(images, masks, transform=train_transform(), size=48, seed=7)

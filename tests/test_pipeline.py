@@ -181,6 +181,36 @@ def test_resume_after_crash_skips_finished_steps(finished_run):
     ]  # ... kept
 
 
+def test_pix2pix_sees_what_step_2_is_unsure_of(finished_run):
+    """pix2pix.unsure_input: a subset-1 input mask keeps every rough particle, and marks unsure (IGNORE) only
+    pixels step 2's pseudo-label is unsure of, away from a particle's edge. Off, the masks stay binary."""
+    from scipy import ndimage as ndi
+
+    from tgan_ray.masks.pseudo import IGNORE, read_pseudo_label
+
+    cfg = finished_run["cfg"]
+    pipeline = Pipeline(str(finished_run["stack"] / "images"), finished_run["out"], cfg, log=print)
+    pipeline.tracker.end()
+    stack, rough = pipeline.manifest.outputs("stack"), pipeline.manifest.outputs("round1/rough")
+
+    def masks_with(unsure_input: bool) -> list[np.ndarray]:
+        pipeline.cfg = cfg.model_copy(
+            update={"pix2pix": cfg.pix2pix.model_copy(update={"unsure_input": unsure_input})}
+        )
+        return pipeline.pix2pix_masks(stack, rough)
+
+    masks = masks_with(True)
+    assert len(masks) == len(stack["subset1"]) == cfg.data.subset1_size
+    assert any((m == IGNORE).any() for m in masks), "the synthetic frames have faint particles"
+    for stem, mask in zip(stack["subset1"], masks):
+        rough_mask = np.asarray(Image.open(f"{rough['folder']}/{stem}.png")) > 127
+        assert ((mask == 1) == rough_mask).all()
+        unsure = mask == IGNORE
+        assert (read_pseudo_label(f"{rough['pseudo']}/{stem}.png")[unsure] == IGNORE).all()
+        assert not (unsure & ndi.binary_dilation(rough_mask)).any()
+    assert all(set(np.unique(m)) <= {0, 1} for m in masks_with(False))
+
+
 def test_every_artefact_is_written(finished_run):
     out, stack = finished_run["out"], finished_run["stack"]
     manifest = json.loads((out / "manifest.json").read_text())

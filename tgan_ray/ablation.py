@@ -150,7 +150,7 @@ class Ablation:
         data = self.pipe.pix2pix_data({"subset1": train, "subset2": pool, "test": []}, rough, prior, 1)
         if crops > len(data["train_images"]):
             data["train_images"], data["train_masks"] = self.pipe._real_crops(
-                train, crops, Path(rough["folder"])
+                train, crops, self.pipe.pix2pix_masks({"subset1": train}, rough)
             )
         result = train_stage(
             "pix2pix",

@@ -359,11 +359,10 @@ class Pipeline:
         )
         return {"prior": str(folder / "prior.json"), "ks": ks, "masks": names, "seed": seed, "empty": empty}
 
-    def _real_crops(self, stems: list[str], n: int, masks_folder: Path | None = None):
+    def _real_crops(self, stems: list[str], n: int, masks: list[np.ndarray] | None = None):
         from tgan_ray.data.working import random_crops
 
         images = [self._work(s) for s in stems]
-        masks = [_load_mask(masks_folder / f"{s}.png") for s in stems] if masks_folder else None
         return random_crops(
             images, self.cfg.data.image_size, n, self.rng, masks, self.cfg.data.positive_crops
         )
@@ -372,13 +371,37 @@ class Pipeline:
     def pix2pix_data(self, stack: dict, rough: dict, prior: dict, rnd: int) -> dict[str, np.ndarray]:
         """Subset-1 crops with their rough masks; validation: random masks vs real crops of the other images."""
         d = self.cfg.data
-        images, masks = self._real_crops(stack["subset1"], d.real_crops, Path(rough["folder"]))
+        images, masks = self._real_crops(stack["subset1"], d.real_crops, self.pix2pix_masks(stack, rough))
         n_val = min(self.cfg.pix2pix.eval_images, len(prior["masks"]))
         val_masks = _load_pngs(
             self.run_dir / f"round{rnd}" / "virtual" / "masks", prior["masks"][:n_val], True
         )
         val_real, _ = self._real_crops(stack["subset2"] + stack["test"], max(n_val, 8))
         return {"train_images": images, "train_masks": masks, "val_masks": val_masks, "val_images": val_real}
+
+    def pix2pix_masks(self, stack: dict, rough: dict) -> list[np.ndarray]:
+        """pix2pix's input masks of subset 1: rough particles 1, background 0, and (``pix2pix.unsure_input``)
+        what step 2 is unsure of IGNORE.
+
+        Precision-first rough masks leave faint particles unmasked. Given as background, they teach the
+        generator that background sometimes grows a particle, and it paints particles that the drawn masks
+        do not hold. The band that pseudo-labels add around each confident edge is not carried over: masks
+        drawn from the prior have sharp edges.
+        """
+        from scipy import ndimage as ndi
+
+        from tgan_ray.masks.pseudo import IGNORE, read_pseudo_label
+
+        stems = stack["subset1"]
+        masks = [_load_mask(Path(rough["folder"]) / f"{s}.png") for s in stems]
+        if not self.cfg.pix2pix.unsure_input or "pseudo" not in rough:
+            return masks
+        out = []
+        for stem, mask in zip(stems, masks):
+            unsure = read_pseudo_label(Path(rough["pseudo"]) / f"{stem}.png") == IGNORE
+            unsure &= ~ndi.binary_dilation(mask > 0)
+            out.append(np.where(unsure, IGNORE, mask).astype(np.uint8))
+        return out
 
     def step_pix2pix(self, stack: dict, rough: dict, prior: dict, rnd: int) -> dict[str, Any]:
         from tgan_ray.train import train_stage

@@ -180,10 +180,18 @@ def _check_pairs(images: Sequence, masks: Sequence, cls: str) -> None:
 
 
 class _PairedBase(_FrameDataset):
-    def __init__(self, images, masks, transform, size, train, fit, seed, loader) -> None:
+    def __init__(self, images, masks, transform, size, train, fit, seed, loader, kept_label=None) -> None:
         _check_pairs(images, masks, type(self).__name__)
         super().__init__(transform, size, train, fit, seed, loader)
         self.images, self.masks = list(images), list(masks)
+        self.kept_label = kept_label  # a mask value kept as is, not read as a particle (unsure pixels)
+
+    def _load_mask(self, source: ImageSource, index: int) -> np.ndarray:
+        mask = super()._load_mask(source, index)
+        if self.kept_label is not None:
+            raw = source if isinstance(source, np.ndarray) else self.loader(source)
+            mask[np.asarray(raw) == self.kept_label] = self.kept_label
+        return mask
 
     def __len__(self) -> int:
         return len(self.images)
@@ -214,8 +222,11 @@ class PairedDataset(_PairedBase):
         loader: Reads a path to a 2-D array (default :func:`read_gray`).
 
     Returns (per item):
-        dict with ``mask`` (1, S, S) float32 in {-1, 1}, ``image`` (1, S, S) float32 in [-1, 1] and ``label``
-        (S, S) int64 in {0, 1}.
+        dict with ``mask`` (1, S, S) float32 in {-1, 1} (0 where ``unsure_label``), ``image`` (1, S, S) float32
+        in [-1, 1] and ``label`` (S, S) int64 in {0, 1}.
+
+    ``unsure_label``: mask value of regions that are neither particle nor background (a pseudo-label's
+    unsure pixels); the generator sees 0 there. None: none.
     """
 
     def __init__(
@@ -228,16 +239,19 @@ class PairedDataset(_PairedBase):
         fit: Fit = "crop",
         seed: int | None = None,
         loader: Loader | None = None,
+        unsure_label: int | None = None,
     ) -> None:
-        super().__init__(images, masks, transform, size, train, fit, seed, loader)
+        super().__init__(images, masks, transform, size, train, fit, seed, loader, unsure_label)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, mask = self._pair(index)
-        mask_f = torch.from_numpy(mask.astype(np.float32))
+        unsure = mask == self.kept_label if self.kept_label is not None else np.zeros(mask.shape, bool)
+        particle = (mask > 0) & ~unsure
+        generator_input = np.where(unsure, 0.0, np.where(particle, 1.0, -1.0)).astype(np.float32)
         return {
-            "mask": (mask_f * 2 - 1)[None],
+            "mask": torch.from_numpy(generator_input)[None],
             "image": (torch.from_numpy(image) * 2 - 1)[None],
-            "label": torch.from_numpy(mask.astype(np.int64)),
+            "label": torch.from_numpy(particle.astype(np.int64)),
         }
 
 
@@ -264,15 +278,7 @@ class SegmentationDataset(_PairedBase):
         loader: Loader | None = None,
         ignore_label: int | None = None,
     ) -> None:
-        super().__init__(images, masks, transform, size, train, fit, seed, loader)
-        self.ignore_label = ignore_label
-
-    def _load_mask(self, source: ImageSource, index: int) -> np.ndarray:
-        mask = super()._load_mask(source, index)
-        if self.ignore_label is not None:
-            raw = source if isinstance(source, np.ndarray) else self.loader(source)
-            mask[np.asarray(raw) == self.ignore_label] = self.ignore_label
-        return mask
+        super().__init__(images, masks, transform, size, train, fit, seed, loader, ignore_label)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self._pair(index)

@@ -81,8 +81,14 @@ class GANStage(Stage):
         self.sched_g, self.sched_d = self.model.schedulers(self.cfg.epochs, self.cfg.epochs_decay)
         size = data["train_images" if name == "pix2pix" else "train_b"].shape[-1]
         if name == "pix2pix":
+            from tgan_ray.masks.pseudo import IGNORE
+
             train = PairedDataset(
-                list(data["train_images"]), list(data["train_masks"]), transform=train_transform(), size=size
+                list(data["train_images"]),
+                list(data["train_masks"]),
+                transform=train_transform(),
+                size=size,
+                unsure_label=IGNORE,  # step 2's unsure regions (pix2pix.unsure_input)
             )
             self.val_inputs = data["val_masks"].astype(np.float32)  # masks -> generated images
         else:
