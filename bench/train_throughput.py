@@ -138,7 +138,7 @@ def main() -> None:
     import tempfile
 
     from tgan_ray.config import load_config
-    from tgan_ray.runtime import init_ray
+    from tgan_ray.runtime import init_ray, worker_cpus
 
     overrides = {"data.image_size": args.size, "tracking.enabled": False, "ray.num_workers": 1}
     if args.smoke_test:
@@ -150,9 +150,9 @@ def main() -> None:
     cfg = load_config(args.preset, overrides=overrides)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
-        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     init_ray(cfg.ray)
+    if not cuda:  # the plain loop runs as many threads as a Train worker
+        torch.set_num_threads(max(1, int(worker_cpus(cfg.ray))))
     batches = [getattr(cfg, s).batch_size for s in args.stages.split(",")]
     data = random_data(max(64, max(batches) * args.steps), args.size)
     rows = []

@@ -136,3 +136,22 @@ def test_with_overrides_changes_one_field_and_names_a_wrong_key():
     assert changed.model_copy(update={"segmenter": cfg.segmenter}) == cfg  # nothing else moved
     with pytest.raises(ConfigError, match="segmenter.nope"):
         with_overrides(cfg, {"segmenter.nope": 1})
+
+
+def test_worker_cpus_none_shares_the_local_cpus_and_is_one_on_a_cluster(monkeypatch):
+    import os
+
+    from tgan_ray.config import RayConfig
+    from tgan_ray.runtime import worker_cpus
+    from tgan_ray.train.driver import with_worker_cpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert worker_cpus(RayConfig(cpus_per_worker=0.5)) == 0.5
+    local = os.cpu_count() or 1  # no Ray started in this process: the machine's CPUs
+    assert worker_cpus(RayConfig(cpus_per_worker=None, num_workers=2)) == max(0.25, local / 2)
+    assert worker_cpus(RayConfig(cpus_per_worker=None), reserved=local) == 0.25
+    assert worker_cpus(RayConfig(cpus_per_worker=None, address="ray://head:10001")) == 1.0
+    cfg = load_config("cpu")
+    assert cfg.ray.cpus_per_worker is None and load_config("paper").ray.cpus_per_worker == 1.0
+    assert with_worker_cpus(cfg).ray.cpus_per_worker == local
+    assert with_worker_cpus(cfg, trials=2).ray.cpus_per_worker == max(0.25, local / 2)

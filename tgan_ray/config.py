@@ -273,7 +273,13 @@ class RayConfig(_Section):
     use_gpu: Literal["auto", "yes", "no"] = Field(
         "auto", description="GPU workers: auto uses them if present."
     )
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Train worker (fractions allowed).")
+    cpus_per_worker: float | None = Field(
+        1.0,
+        gt=0,
+        description="CPUs per Train worker (fractions allowed; a CPU worker runs one torch thread per whole CPU). "
+        "None: on a local Ray instance its CPUs shared among the workers (nothing else runs while a stage "
+        "trains), on a cluster 1.",
+    )
     gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per Train worker when GPUs are used.")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: ∞).")
     storage_path: str | None = Field(
@@ -443,7 +449,8 @@ _QUICK: dict[str, Any] = {
         "val_every": 2,
         "real_fraction": 0.5,
     },
-    "ray": {"num_workers": 1, "cpus_per_worker": 1.0},
+    # Every local CPU to the one worker: one thread left a core idle on a 2-core machine.
+    "ray": {"num_workers": 1, "cpus_per_worker": None},
     "tracking": {"sample_every": 10},
 }
 # A first run on a CPU (2 cores: about half an hour for ten 2048² frames): the quick networks, 2x larger tiles so

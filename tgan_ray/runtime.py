@@ -29,6 +29,19 @@ def cluster_address(cfg: RayConfig | None = None) -> str | None:
     return (cfg.address if cfg else None) or os.environ.get("RAY_ADDRESS")
 
 
+def worker_cpus(cfg: RayConfig, reserved: float = 0.0) -> float:
+    """CPUs each Ray Train worker asks for: ``cfg.cpus_per_worker``, or (None) the local instance's CPUs less
+    ``reserved`` (a Tune trial's own CPUs), shared among the workers; 1 on a cluster."""
+    if cfg.cpus_per_worker is not None:
+        return float(cfg.cpus_per_worker)
+    if cluster_address(cfg):
+        return 1.0
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
+    return max(0.25, (total - reserved) / cfg.num_workers)
+
+
 def init_ray(cfg: RayConfig | None = None, num_cpus: int | None = None, log_to_driver: bool = True):
     """Start (or join) Ray once per process.
 

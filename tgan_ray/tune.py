@@ -171,7 +171,7 @@ def run_campaign(
 
     from tgan_ray.pipeline import Pipeline
     from tgan_ray.runtime import init_ray
-    from tgan_ray.train.driver import put_data
+    from tgan_ray.train.driver import put_data, with_worker_cpus
 
     if stage not in DEFAULT_SPACES:
         raise ConfigError(f"tune --stage must be one of {', '.join(DEFAULT_SPACES)}, got {stage!r}")
@@ -210,6 +210,8 @@ def run_campaign(
         if scheduler == "asha"
         else FIFOScheduler()
     )
+    # Each trial's driver takes driver_cpus; its workers share what the concurrent trials leave.
+    cfg = with_worker_cpus(cfg, reserved=max_concurrent * driver_cpus, trials=max_concurrent)
     context = {
         "stage": stage,
         "config": config_to_dict(cfg),

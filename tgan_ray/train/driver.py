@@ -60,6 +60,17 @@ def _storage(cfg: Config, run_dir: str | Path) -> tuple[str, Any]:
     return str(Path(path).resolve()), None
 
 
+def with_worker_cpus(cfg: Config, reserved: float = 0.0, trials: int = 1) -> Config:
+    """``cfg`` with ``ray.cpus_per_worker`` resolved (:func:`~tgan_ray.runtime.worker_cpus`), ``trials`` stages
+    at once: the workers ask Ray for it and run that many torch threads."""
+    from tgan_ray.runtime import worker_cpus
+
+    if cfg.ray.cpus_per_worker is not None:
+        return cfg
+    cpus = worker_cpus(cfg.ray, reserved) / max(1, trials)
+    return cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"cpus_per_worker": max(0.25, cpus)})})
+
+
 def build_trainer(
     stage: str,
     loop_config: dict[str, Any],
@@ -76,7 +87,7 @@ def build_trainer(
     from tgan_ray.runtime import use_gpu
 
     gpu = use_gpu(cfg.ray)
-    resources = {"CPU": cfg.ray.cpus_per_worker}
+    resources = {"CPU": with_worker_cpus(cfg).ray.cpus_per_worker}
     if gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
     return TorchTrainer(
@@ -187,6 +198,7 @@ def train_stage(
     if stage not in STAGES:
         raise KeyError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
     init_ray(cfg.ray)
+    cfg = with_worker_cpus(cfg)
     name = name or stage
     storage_path, fs = _storage(cfg, run_dir)
     child = (tracker or Tracker(None)).start_child(name, tags={"stage": stage})

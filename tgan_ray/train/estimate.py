@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tgan_ray.config import Config
+from tgan_ray.runtime import worker_cpus
 
 PROBES = (64, 96)  # the warm-up's tile sides (multiples of 32, as the networks need)
 LONG_ON_CPU_S = 3 * 3600  # above this, the estimate line says how to go faster
@@ -83,7 +84,7 @@ def seconds_per_step(cfg: Config, stage: str, steps: int = 2) -> float:
     """Wall seconds of one of ``stage``'s optimiser steps at ``data.image_size``, from the probe tiles."""
     size = cfg.data.image_size
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(worker_cpus(cfg.ray))))  # as many threads as the Train worker
     try:
         if size <= PROBES[0]:
             return _timed(cfg, stage, size, steps)
