@@ -8,27 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_stage_loops import discs as _discs  # bright noisy discs and their masks
 
 from tgan_ray.config import load_config
 
 pytestmark = pytest.mark.gpu
 
 SIZE = 64
-
-
-def _discs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Bright discs on a dark, noisy background, with their masks."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    images, masks = [], []
-    for _ in range(n):
-        mask = np.zeros((SIZE, SIZE), bool)
-        for _ in range(3):
-            cy, cx = rng.integers(10, SIZE - 10, 2)
-            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 36
-        images.append(np.clip(0.2 + 0.6 * mask + rng.normal(0, 0.05, mask.shape), 0, 1).astype(np.float32))
-        masks.append(mask.astype(np.uint8))
-    return np.stack(images), np.stack(masks)
 
 
 def _segmenter_step(channels_last: bool) -> tuple[torch.nn.Module, list[float]]:
