@@ -59,6 +59,7 @@ def test_cpu_preset_sits_between_quick_and_paper():
     assert (
         cpu.segmenter.real_fraction > 0 and paper.segmenter.real_fraction == 0
     )  # the paper: virtual pairs only
+    assert cpu.pix2pix.unsure_input and not paper.pix2pix.unsure_input  # the paper: binary masks
 
 
 def test_file_and_dotted_overrides_win(tmp_path):
