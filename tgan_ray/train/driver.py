@@ -61,14 +61,14 @@ def _storage(cfg: Config, run_dir: str | Path) -> tuple[str, Any]:
 
 
 def with_worker_cpus(cfg: Config, reserved: float = 0.0, trials: int = 1) -> Config:
-    """``cfg`` with ``ray.cpus_per_worker`` resolved (:func:`~tgan_ray.runtime.worker_cpus`), ``trials`` stages
-    at once: the workers ask Ray for it and run that many torch threads."""
+    """``cfg`` with ``ray.cpus_per_worker`` resolved (:func:`~tgan_ray.runtime.worker_cpus`) for ``trials``
+    stages at once. The workers ask Ray for that many CPUs and run one torch thread per CPU Ray gives them."""
     from tgan_ray.runtime import worker_cpus
 
     if cfg.ray.cpus_per_worker is not None:
         return cfg
-    cpus = worker_cpus(cfg.ray, reserved) / max(1, trials)
-    return cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"cpus_per_worker": max(0.25, cpus)})})
+    cpus = max(0.25, worker_cpus(cfg.ray, reserved) / max(1, trials))
+    return cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"cpus_per_worker": cpus})})
 
 
 def build_trainer(
@@ -198,7 +198,6 @@ def train_stage(
     if stage not in STAGES:
         raise KeyError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
     init_ray(cfg.ray)
-    cfg = with_worker_cpus(cfg)
     name = name or stage
     storage_path, fs = _storage(cfg, run_dir)
     child = (tracker or Tracker(None)).start_child(name, tags={"stage": stage})

@@ -68,8 +68,11 @@ def setup_worker(ray_cfg: dict[str, Any], seed: int) -> WorkerContext:
     precision = ("bf16" if on_gpu else "fp32") if precision == "auto" else precision
     seed_everything(seed + rank)
     if not on_gpu:
-        # One intra-op thread per reserved CPU: more threads than cores spin-wait and can run 10-100x slower.
-        torch.set_num_threads(max(1, int(ray_cfg.get("cpus_per_worker", 1))))
+        # One intra-op thread per CPU Ray reserved for this worker (however ray.cpus_per_worker was resolved):
+        # more threads than cores spin-wait and can run 10-100x slower.
+        from tgan_ray.runtime import use_actor_cpus
+
+        use_actor_cpus()
     if on_gpu:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
