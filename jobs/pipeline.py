@@ -3,14 +3,15 @@
 The same work as ``tgan run``. Submit it to a cluster from the repository root::
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python jobs/pipeline.py --images s3://lab/stacks/run42/ --out /data/runs/run42 --preset quick
+        python jobs/pipeline.py --images s3://lab/stacks/run42/ --out s3://lab/runs/run42 --preset quick
 
     # wiring check on a tiny stack (a minute or two on CPU):
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/pipeline.py --images /data/stack/images --out /data/runs/smoke --smoke-test
 
-The run folder (``--out``) is on the node that runs the job (the head node): give it shared storage on a real
-cluster. Running the same command again resumes the run. MLflow goes to MLFLOW_TRACKING_URI and S3 to
+The run folder (``--out``) is best an S3 prefix on a real cluster: Train checkpoints, generated pairs and masks go
+there from every node, and the driver keeps a local working copy (``tgan_ray/run_folder.py``). A local folder must be
+on storage every node mounts at the same path. Running the same command again resumes the run, from S3 on any node. MLflow goes to MLFLOW_TRACKING_URI and S3 to
 AWS_ENDPOINT_URL when the config does not name them.
 """
 
@@ -25,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _common.job_parser(__doc__)
     parser.add_argument("--images", required=True, help="Stack: a folder, a glob or s3://bucket/prefix.")
     parser.add_argument(
-        "--out", required=True, help="Run folder (on the job's node); running again resumes it."
+        "--out",
+        required=True,
+        help="Run folder: s3://bucket/prefix, or a folder every node mounts; running again resumes it.",
     )
     parser.add_argument(
         "--seed-model", help="NPsSegNet checkpoint (path, s3:// or models:/) as the step-2 segmenter."

@@ -123,6 +123,10 @@ def test_generate_and_run_endings_are_lines_and_json_not_reprs(tmp_path):
     assert payload["summary"]["sd"] is None and payload["particles_parquet"] == str(
         tmp_path / "particles.parquet"
     )
+    assert payload["remote"] is None and not any(line.startswith("run:") for line in lines)
+    run.remote = "s3://b/runs/r1"  # an S3 run folder: the ending names it, and the working copy
+    assert f"run:       s3://b/runs/r1 (working copy: {tmp_path})" in run_lines(run)
+    assert json.loads(to_json(run_dict(run)))["remote"] == "s3://b/runs/r1"
 
 
 def test_a_run_that_fails_its_checks_prints_one_line_and_leaves_no_folder(tmp_path):

@@ -3,9 +3,14 @@
 The stack holds what a user's folder does: besides six good frames, files that cannot be read (truncated,
 random bytes, zero-size, a decompression bomb) and awkward ones that can (8-bit JPEG, float TIFF, RGBA, 8x8 px,
 non-square, blank).
+
+The run folder is on S3 (moto's server over HTTP), as on a cluster with no shared volume: after the crash, the local
+working copy is deleted, and the run resumes on "another machine" (another working copy) from what S3 holds alone.
 """
 
 import json
+import shutil
+import uuid
 import warnings
 
 import numpy as np
@@ -16,7 +21,8 @@ from PIL import Image
 from tgan_ray.config import load_config
 from tgan_ray.data.synthetic import make_stack
 from tgan_ray.io import read_image
-from tgan_ray.pipeline import Pipeline, PipelineError, run_pipeline
+from tgan_ray.io.storage import s3_client, split_s3
+from tgan_ray.pipeline import Pipeline, PipelineError, check_inputs, run_pipeline
 
 TINY = {
     "data.image_size": 64,
@@ -83,38 +89,52 @@ def add_awkward_files(images):
     Image.fromarray(np.full_like(a, 90)).save(images / "blank.png")
 
 
+def _objects(uri: str, cfg) -> dict[str, tuple]:
+    """The S3 objects under ``uri``: relative key -> (size, last modified)."""
+    bucket, key = split_s3(uri)
+    pages = s3_client(cfg.storage).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/")
+    found = [
+        o for p in pages for o in p.get("Contents", []) if not o["Key"].endswith("/")
+    ]  # not folder markers
+    return {o["Key"][len(key) + 1 :]: (o["Size"], o["LastModified"]) for o in found}
+
+
+def crash(self, *args):
+    raise Crash("simulated crash")
+
+
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, ray_local):
+def finished_run(tmp_path_factory, ray_local, s3_server):
     root = tmp_path_factory.mktemp("pipeline")
     stack = make_stack(root / "stack", n=6, modality="haadf", size=128, seed=3)
     add_awkward_files(stack / "images")
-    cfg = load_config("quick", overrides={**TINY, **TWO_ROUNDS})
-    out = root / "run"
+    cfg = load_config("quick", overrides={**TINY, **TWO_ROUNDS, "storage.s3_endpoint_url": s3_server})
+    bucket = f"tgan-{uuid.uuid4().hex[:10]}"
+    s3_client(cfg.storage).create_bucket(Bucket=bucket)
+    uri = f"s3://{bucket}/runs/r1"
     lines: list[str] = []
 
-    # First attempt dies between steps (after the 1st generation, in CycleGAN).
-    original = Pipeline.step_cyclegan
-
-    def crash(self, *args):
-        raise Crash("simulated crash")
-
-    Pipeline.step_cyclegan = crash
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        # First attempt dies between steps (after the 1st generation, in CycleGAN), on machine 1.
+        patch.setenv("TGAN_CACHE_DIR", str(root / "machine1"))
+        patch.setattr(Pipeline, "step_cyclegan", crash)
         with pytest.raises(Crash), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            run_pipeline(str(stack / "images"), out, cfg, log=lines.append)
-    finally:
-        Pipeline.step_cyclegan = original
-    gen1_mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "round1" / "gen1" / "images").glob("*.png")}
-
-    resumed: list[str] = []
-    result = run_pipeline(str(stack / "images"), out, cfg, log=resumed.append)
+            run_pipeline(str(stack / "images"), uri, cfg, log=lines.append)
+        after_crash = _objects(uri, cfg)
+        shutil.rmtree(root / "machine1")
+        # The same command on machine 2 (another home folder), which has nothing but S3.
+        patch.undo()
+        patch.setenv("TGAN_CACHE_DIR", str(root / "machine2"))
+        resumed: list[str] = []
+        result = run_pipeline(str(stack / "images"), uri, cfg, log=resumed.append)
     return {
-        "out": out,
+        "out": result.run_dir,  # the working copy on machine 2
+        "uri": uri,
         "stack": stack,
         "result": result,
         "resumed": resumed,
-        "gen1_mtimes": gen1_mtimes,
+        "after_crash": after_crash,
         "cfg": cfg,
         "first": lines,
         "warnings": [w for w in caught if type(w.message).__name__ == "SkippedImagesWarning"],
@@ -174,11 +194,18 @@ def test_resume_after_crash_skips_finished_steps(finished_run):
     estimates = [line for line in finished_run["first"] if "training ~" in line]
     assert len(estimates) == 1 and "warm-up" in estimates[0], finished_run["first"]
     assert not any("training ~" in line for line in resumed)
-    gen1 = finished_run["out"] / "round1" / "gen1" / "images"
-    assert len(finished_run["gen1_mtimes"]) == 24  # the 1st generation, written before the crash ...
-    assert {p.name: p.stat().st_mtime_ns for p in gen1.glob("*.png")} == finished_run[
-        "gen1_mtimes"
-    ]  # ... kept
+    # What S3 held after the crash: the finished steps, the manifest naming them, and nothing half-done.
+    after_crash, uri = finished_run["after_crash"], finished_run["uri"]
+    assert {"manifest.json", "config.yaml", "stack.json", "round1/prior.json", "mlflow.db"} <= set(
+        after_crash
+    )
+    assert any(k.startswith("ray/round1-pix2pix/checkpoint_") for k in after_crash)  # Ray Train wrote to S3
+    gen1 = {k: v for k, v in after_crash.items() if k.startswith("round1/gen1/images/")}
+    assert len(gen1) == 24  # the 1st generation, written to S3 by the Ray Data actors before the crash ...
+    now = _objects(uri, finished_run["cfg"])
+    assert {k: now[k] for k in gen1} == gen1  # ... kept, not made again
+    assert not any(k.startswith("round1/virtual/images/") for k in after_crash)  # step 6 had not run
+    assert finished_run["result"].remote == uri
 
 
 def test_pix2pix_sees_what_step_2_is_unsure_of(finished_run):
@@ -276,10 +303,14 @@ def test_every_artefact_is_written(finished_run):
 
     _, meta = load_segmenter(out / "round1" / "npssegnet.pt")
     assert meta["data"]["image_size"] == 64
-    # A lean run folder: each finished stage keeps one Ray Train checkpoint, its best model and nothing else.
+    # A lean run folder: each finished stage keeps one Ray Train checkpoint on S3, its best model and nothing else.
+    on_s3 = _objects(finished_run["uri"], finished_run["cfg"])
     for stage in ("pix2pix", "cyclegan", "segmenter"):
-        kept = sorted((out / "ray" / f"round1-{stage}").glob("checkpoint_*"))
-        assert [sorted(f.name for f in k.iterdir()) for k in kept] == [["model.pt"]], stage
+        kept = [k for k in on_s3 if k.startswith(f"ray/round1-{stage}/checkpoint_")]
+        assert len(kept) == 1 and kept[0].endswith("/model.pt"), kept
+    # The working copy holds what S3 holds but Train's checkpoints, and S3 holds every file of the working copy.
+    local = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*") if p.is_file()}
+    assert {k: size for k, (size, _) in on_s3.items() if not k.startswith("ray/")} == local
 
     # Step 8 ran through Ray Data's segment_stack: masks at <run>/masks/<stem>.png, its tables in <run>/segment.
     # The awkward files are segmented at their own size; each unreadable one is a row with its reason.
@@ -292,7 +323,8 @@ def test_every_artefact_is_written(finished_run):
     assert sorted(images.index) == sorted(p.stem for p in (stack / "images").iterdir())
     segmented = images.loc[[s.stem for s in sources]]
     assert (segmented["status"] == "segmented").all()
-    assert (segmented["mask"] == [str(out / "masks" / f"{s}.png") for s in segmented.index]).all()
+    masks_on_s3 = [f"{finished_run['uri']}/masks/{s}.png" for s in segmented.index]
+    assert (segmented["mask"] == masks_on_s3).all()  # where the Ray Data actors wrote them
     for name, reason in UNREADABLE.items():
         row = images.loc[name.rsplit(".", 1)[0]]
         assert row["status"] == "error" and reason in row["reason"] and "\n" not in row["reason"], name
@@ -335,12 +367,52 @@ def test_every_artefact_is_written(finished_run):
     exp = client.get_run(parent).info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert {c.data.tags["stage"] for c in children} >= {"pix2pix", "cyclegan", "segmenter"}
+    # One MLflow store across both machines; its artifacts moved with the working copy.
+    assert client.get_run(parent).info.artifact_uri.startswith(out.as_uri())
 
 
 def test_rerun_with_another_config_is_refused(finished_run):
-    cfg = load_config("quick", overrides={**TINY, **TWO_ROUNDS, "segmenter.epochs": 5})
+    endpoint = finished_run["cfg"].storage.s3_endpoint_url
+    overrides = {**TINY, **TWO_ROUNDS, "segmenter.epochs": 5, "storage.s3_endpoint_url": endpoint}
+    cfg = load_config("quick", overrides=overrides)
     with pytest.raises(PipelineError, match="segmenter.epochs"):
         Pipeline(str(finished_run["stack"] / "images"), finished_run["out"], cfg)
+    with pytest.raises(PipelineError, match=f"run folder {finished_run['uri']} .*segmenter.epochs"):
+        check_inputs(str(finished_run["stack"] / "images"), finished_run["uri"], cfg)  # read from S3
+
+
+def test_run_to_s3_with_a_wrong_credential_is_one_line_before_any_work(
+    tmp_path, s3_bucket, monkeypatch, moto_auth
+):
+    from typer.testing import CliRunner
+
+    import tgan_ray.runtime
+    from tgan_ray.cli import app
+
+    endpoint, bucket = s3_bucket
+    stack = make_stack(tmp_path / "stack", n=3, modality="haadf", size=64, seed=3)
+    monkeypatch.setenv("TGAN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tgan_ray.runtime, "init_ray", lambda *a, **k: pytest.fail("Ray work started"))
+    previous = moto_auth("0")
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+        args = [
+            "run",
+            "--images",
+            str(stack / "images"),
+            "--out",
+            f"s3://{bucket}/runs/r2",
+            "--preset",
+            "quick",
+        ]
+        result = CliRunner().invoke(app, [*args, "--set", f"storage.s3_endpoint_url={endpoint}"])
+    finally:
+        moto_auth(previous)
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("error: S3 credentials rejected for s3://") and "very-secret" not in line
+    assert not (tmp_path / "cache").exists()  # no working copy, no run folder
 
 
 def test_too_few_images_and_no_particles_are_clear_errors(tmp_path, ray_local):

@@ -124,7 +124,13 @@ def synth(
 @app.command()
 def run(
     images: Annotated[str, typer.Option("--images", help="Stack: a folder, a glob or s3://bucket/prefix.")],
-    out: Annotated[Path, typer.Option("--out", help="Run folder; running again resumes it.")],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            help="Run folder, or s3://bucket/prefix (a local working copy is kept); running again resumes it.",
+        ),
+    ],
     preset: Preset = "auto",
     config: ConfigFile = None,
     particle_contrast: Annotated[

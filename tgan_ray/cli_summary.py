@@ -72,8 +72,10 @@ def generate_lines(result) -> list[str]:
 def run_lines(result) -> list[str]:
     """Ending of ``tgan run`` / ``tgan demo`` (a :class:`~tgan_ray.pipeline.PipelineResult`)."""
     run_dir = result.run_dir
+    remote = [f"run:       {result.remote} (working copy: {run_dir})"] if result.remote else []
     return [
         "done: " + psd_line(result.summary),
+        *remote,
         f"report:    {result.report}",
         f"particles: {run_dir / 'particles.csv'} (and .parquet)",
         f"summary:   {run_dir / 'summary.json'}",
@@ -86,6 +88,7 @@ def run_dict(result) -> dict[str, Any]:
     run_dir = result.run_dir
     return {
         "run_dir": str(run_dir),
+        "remote": result.remote,
         "report": str(result.report),
         "segmenter": str(result.segmenter),
         "masks": str(run_dir / "masks"),

@@ -38,7 +38,9 @@ class ModelSource:
 
 
 def _default_cache_dir() -> Path:
-    return Path(os.environ.get("TGAN_CACHE_DIR", Path.home() / ".cache" / "tgan-ray")) / "models"
+    from tgan_ray.io.storage import cache_root
+
+    return cache_root() / "models"
 
 
 def _sha256(path: str | os.PathLike) -> str:

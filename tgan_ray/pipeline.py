@@ -21,6 +21,9 @@ Run folder::
                           particles.parquet, summary.json (segment_stack's PSD of the stack)
     particles.csv  summary.json  plots/  report.html
 
+``run_dir`` may be an ``s3://`` prefix: S3 then holds the folder above, and the steps work in a local copy of it
+(``run_folder.py``), uploaded after every step; Ray workers write ray/, the generated sets, masks/ and segment/ to S3.
+
 Random mask i of round r is ``sample_capped_mask_at(prior, data.image_size, data.seed + 1000 r, i,
 prior.max_empty_fraction)``: the same file in round{r}/virtual/masks and round{r}/gen1/masks.
 """
@@ -39,6 +42,7 @@ import numpy as np
 
 from tgan_ray.config import Config, config_to_dict, flatten_config, save_config
 from tgan_ray.manifest import Manifest, write_json
+from tgan_ray.run_folder import RunFolder
 from tgan_ray.tracking import Tracker, resolve_tracking_uri
 
 
@@ -48,10 +52,11 @@ class PipelineError(ValueError):
 
 @dataclass
 class PipelineResult:
-    run_dir: Path
+    run_dir: Path  # the local run folder, or the working copy of an S3 one
     summary: dict[str, Any]
     report: Path
     segmenter: Path
+    remote: str | None = None  # the S3 run folder, if any
 
 
 def _load_pngs(folder: Path, names: list[str], is_mask: bool = False) -> np.ndarray:
@@ -72,9 +77,13 @@ class Pipeline:
     ):
         self.images, self.cfg, self.log = images, cfg, log
         self.seed_model = seed_model or (cfg.rough.seed_model if cfg.rough.method == "model" else None)
-        self.run_dir = Path(run_dir)
+        self.folder = RunFolder(run_dir, cfg.storage)
+        self.folder.pull()  # an S3 run folder resumes on any machine
+        self.run_dir = self.folder.local
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.manifest = Manifest(self.run_dir)
+        if self.folder.remote and self.manifest.get("working_copy") != str(self.run_dir):
+            self.manifest.set("working_copy", str(self.run_dir))
         self.rng = np.random.default_rng(cfg.data.seed)
         saved = self.manifest.get("config")
         _check_same_config(self.run_dir, saved, cfg)
@@ -83,6 +92,7 @@ class Pipeline:
             self.manifest.set("images", images)
         save_config(cfg, self.run_dir / "config.yaml")
         self.tracker = self._parent_run()
+        self.folder.push()
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def _parent_run(self) -> Tracker:
@@ -105,6 +115,7 @@ class Pipeline:
         t0 = time.time()
         outputs = fn(*args)
         self.manifest.mark_done(name, outputs, time.time() - t0)
+        self.folder.push()
         self.log(f"== {name}: finished in {time.time() - t0:.1f}s")
         return outputs
 
@@ -113,7 +124,7 @@ class Pipeline:
         from tgan_ray.train.driver import prune_checkpoints
 
         if not self.cfg.run.keep_checkpoints:
-            freed = prune_checkpoints(stage)
+            freed = prune_checkpoints(stage, self.cfg.storage)
             if freed:
                 self.log(f"   pruned {freed / 2**20:.0f} MB of Ray Train checkpoints (best model kept)")
         return stage
@@ -412,7 +423,7 @@ class Pipeline:
             self.cfg.pix2pix,
             data,
             self.cfg,
-            self.run_dir,
+            self.folder.uri(),  # Train checkpoints under <run>/ray, on S3 for an S3 run folder
             self.tracker,
             name=f"round{rnd}-pix2pix",
         )
@@ -441,18 +452,18 @@ class Pipeline:
         """
         from tgan_ray.generate import generate_dataset, stage_model_uri
 
-        round_dir = self.run_dir / f"round{rnd}"
         model = stage_model_uri(stage["checkpoint_path"], self.cfg)
         if (src, dst) == ("masks", "gen1"):
-            out, p2p, cyc = round_dir / "gen1", model, None
+            sub, p2p, cyc = f"round{rnd}/gen1", model, None
         elif (src, dst) == ("gen1", "gen2") and pix2pix is not None:
             p2p, cyc = stage_model_uri(pix2pix["checkpoint_path"], self.cfg), model
-            out = round_dir / "virtual"
+            sub = f"round{rnd}/virtual"
         else:
             raise ValueError(f"step_gen({src!r}, {dst!r}): use masks -> gen1, or gen1 -> gen2 with pix2pix=")
+        out = self.folder.uri(sub)  # the actors write there; an S3 run folder's copy fetches it after
         with _quiet_ray_data():
             result = generate_dataset(
-                round_dir / "prior.json",
+                self.folder.uri(f"round{rnd}", "prior.json"),
                 p2p,
                 cyc,
                 self.cfg.prior.n_masks,
@@ -465,7 +476,8 @@ class Pipeline:
             f"   {result.count} pairs in {out} ({result.generated} generated, {result.reused} kept from before; "
             f"{result.images_per_s:.1f} pairs/s)"
         )
-        return {**result.to_dict(), "folder": str(out / "images")}
+        self.folder.pull(sub)
+        return {**self.folder.to_local(result.to_dict(), sub), "folder": str(self.run_dir / sub / "images")}
 
     # -- step 5: CycleGAN -----------------------------------------------------------------------------------------
     def cyclegan_data(self, stack: dict, gen1: dict) -> dict[str, np.ndarray]:
@@ -485,7 +497,7 @@ class Pipeline:
             self.cfg.cyclegan,
             self.cyclegan_data(stack, gen1),
             self.cfg,
-            self.run_dir,
+            self.folder.uri(),  # Train checkpoints under <run>/ray, on S3 for an S3 run folder
             self.tracker,
             name=f"round{rnd}-cyclegan",
         )
@@ -582,6 +594,7 @@ class Pipeline:
 
     # -- step 7: NPsSegNet ----------------------------------------------------------------------------------------
     def step_segmenter(self, prior: dict, virtual_step: dict, rnd: int) -> dict[str, Any]:
+        from tgan_ray.model_uri import resolve_model
         from tgan_ray.models.npssegnet import load_segmenter, save_segmenter
         from tgan_ray.train import train_stage
 
@@ -607,11 +620,11 @@ class Pipeline:
                 "real_labels": real_labels,
             },
             self.cfg,
-            self.run_dir,
+            self.folder.uri(),  # Train checkpoints under <run>/ray, on S3 for an S3 run folder
             self.tracker,
             name=f"round{rnd}-segmenter",
         )
-        model, _ = load_segmenter(result.model_path)
+        model, _ = load_segmenter(resolve_model(result.model_path, self.cfg).path)
         path = self.run_dir / f"round{rnd}" / "npssegnet.pt"
         save_segmenter(
             model,
@@ -620,7 +633,7 @@ class Pipeline:
                 "data": self.data_cfg.model_dump(mode="json"),
                 "round": rnd,
                 "val_miou": float(result.metrics.get("val/miou", float("nan"))),
-                "source_run": str(self.run_dir.resolve()),
+                "source_run": self.folder.remote or str(self.run_dir.resolve()),
                 "min_particle_px": self._min_particle_px(prior),
             },
         )
@@ -714,13 +727,17 @@ class Pipeline:
             result = segment_stack(
                 seg["model"],
                 self.images,
-                self.run_dir / "segment",
+                self.folder.uri("segment"),
                 self.cfg,
-                masks_dir=self.run_dir / "masks",
+                masks_dir=self.folder.uri("masks"),
                 fallback_pixel_size_nm=_sidecar_pixel_size(stack["frames"][0]["source"]),
                 frame_scales=_own_scales(stack),
             )
-        outputs = {**result.to_dict(), "folder": str(self.run_dir / "masks")}
+        outputs = result.to_dict()
+        for sub in ("segment", "masks"):  # the actors wrote there; an S3 run folder's copy fetches it
+            self.folder.pull(sub)
+            outputs = self.folder.to_local(outputs, sub)
+        outputs["folder"] = str(self.run_dir / "masks")
         table = pd.read_parquet(outputs["images_table"]).set_index("image")
         status = table["status"].to_dict()
         failed = [f["stem"] for f in stack["frames"] if status.get(f["stem"], STATUS_ERROR) == STATUS_ERROR]
@@ -830,7 +847,9 @@ class Pipeline:
         report = self._step("report", self.step_report, stack, masks, self.cfg.run.rounds)
         self._step("register", self.step_register, seg)
         self.tracker.end()
-        return PipelineResult(self.run_dir, report["summary"], Path(report["report"]), Path(seg["model"]))
+        return PipelineResult(
+            self.run_dir, report["summary"], Path(report["report"]), Path(seg["model"]), self.folder.remote
+        )
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -906,7 +925,7 @@ def _save_pngs_named(folder: Path, stems: list[str], masks: list[np.ndarray]) ->
         write_mask_png(folder / f"{s}.png", m)
 
 
-def _check_same_config(run_dir: Path, saved: dict | None, cfg: Config) -> None:
+def _check_same_config(run_dir: Path | str, saved: dict | None, cfg: Config) -> None:
     if saved is not None and saved != config_to_dict(cfg):
         changed = sorted(k for k, v in flatten_config(cfg).items() if _flat(saved).get(k) != v)
         raise PipelineError(
@@ -918,8 +937,8 @@ def _check_same_config(run_dir: Path, saved: dict | None, cfg: Config) -> None:
 def check_inputs(images: str, out: str | Path, cfg: Config, seed_model: str | None = None) -> None:
     """What a user can get wrong, checked before Ray, MLflow or a run folder: a failed check leaves nothing.
 
-    The stack (folder, glob or S3 prefix, credentials included), the run folder (a folder, writable, and, when it
-    holds a run, one started with the same config) and a local seed model.
+    The stack (folder, glob or S3 prefix, credentials included), the run folder (a folder, writable, or an S3
+    prefix we may list; and, when it holds a run, one started with the same config) and a local seed model.
 
     Raises:
         StackError, StorageError or PipelineError, each with a one-line message naming the culprit.
@@ -928,7 +947,26 @@ def check_inputs(images: str, out: str | Path, cfg: Config, seed_model: str | No
     from tgan_ray.io import storage as st
 
     list_stack(images, cfg.storage)
-    out = Path(out)
+    if st.is_s3(out):
+        _check_s3_run_folder(str(out), cfg)
+    else:
+        _check_local_run_folder(Path(out), cfg)
+    remote = seed_model and (st.is_s3(seed_model) or ":/" in seed_model)  # s3://, models:/, runs:/
+    if seed_model and not remote and not Path(seed_model).is_file():
+        raise PipelineError(f"seed model not found: {seed_model}")
+
+
+def _check_s3_run_folder(out: str, cfg: Config) -> None:
+    from tgan_ray.io import storage as st
+
+    st.check_access(out, cfg.storage)  # endpoint, credentials, bucket: one line each
+    manifest = st.join(out, "manifest.json")
+    if st.exists(manifest, cfg.storage):
+        saved = json.loads(st.read_bytes(manifest, cfg.storage)).get("config")
+        _check_same_config(out, saved, cfg)
+
+
+def _check_local_run_folder(out: Path, cfg: Config) -> None:
     if out.exists() and not out.is_dir():
         raise PipelineError(f"--out {out} is a file; the run folder must be a folder")
     if (out / "manifest.json").is_file():
@@ -936,9 +974,6 @@ def check_inputs(images: str, out: str | Path, cfg: Config, seed_model: str | No
     parent = next(p for p in (out, *out.parents) if p.exists())
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PipelineError(f"cannot write the run folder {out}: {parent} is not writable")
-    remote = seed_model and (st.is_s3(seed_model) or ":/" in seed_model)  # s3://, models:/, runs:/
-    if seed_model and not remote and not Path(seed_model).is_file():
-        raise PipelineError(f"seed model not found: {seed_model}")
 
 
 def run_pipeline(
@@ -953,6 +988,7 @@ def run_pipeline(
     """Run (or resume) steps 1-8 on a stack: a folder, a glob or an s3:// prefix.
 
     Args:
+        out: the run folder: a local folder, or an ``s3://`` prefix (with a local working copy, ``run_folder.py``).
         log: where the step lines go.
         quiet: Ray, Ray Data, Train and MLflow logs and Python warnings go to ``<out>/logs/tgan.log`` (what
             ``tgan run`` does without ``-v``); the unreadable-files warning stays on the terminal.
@@ -978,5 +1014,5 @@ def run_pipeline(
 
 
 def log_file(run_dir: str | Path) -> Path:
-    """Where a quiet run keeps Ray's, Train's and MLflow's logs."""
-    return Path(run_dir) / "logs" / "tgan.log"
+    """Where a quiet run keeps Ray's, Train's and MLflow's logs (in the working copy of an S3 run folder)."""
+    return RunFolder(run_dir).local / "logs" / "tgan.log"

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from urllib.parse import urlparse
 
 from tgan_ray.config import StorageConfig
@@ -455,6 +456,25 @@ def _list_s3(
     if pattern is not None:
         keys = [k for k in keys if _match_segments(k, pattern)]
     return sorted(f"{scheme}://{bucket}/{k}" for k in keys)
+
+
+def list_sizes(prefix: str, storage: StorageConfig | None = None) -> dict[str, int]:
+    """Every object under the S3 ``prefix`` (a folder), by path relative to it, with its size in bytes."""
+    bucket, key = split_s3(prefix)
+    key = key.rstrip("/") + "/" if key else ""
+    with _s3_errors(prefix, storage):
+        pages = s3_client(storage).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        return {
+            obj["Key"][len(key) :]: int(obj["Size"])
+            for page in pages
+            for obj in page.get("Contents", [])
+            if not obj["Key"].endswith("/")
+        }
+
+
+def cache_root() -> Path:
+    """Local copies of remote things (models, S3 run folders): ``$TGAN_CACHE_DIR``, else ``~/.cache/tgan-ray``."""
+    return Path(os.environ.get("TGAN_CACHE_DIR", Path.home() / ".cache" / "tgan-ray"))
 
 
 def _match_segments(key: str, pattern: str) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from tgan_ray.config import Config
+from tgan_ray.config import Config, StorageConfig
 from tgan_ray.tracking import Tracker
 from tgan_ray.train.plumbing import CHECKPOINT_MODEL
 from tgan_ray.train.stages import STAGES
@@ -30,7 +30,7 @@ class StageResult:
     """What a finished stage leaves behind."""
 
     stage: str
-    checkpoint_path: str  # best checkpoint folder (local path or bucket/prefix on S3)
+    checkpoint_path: str  # best checkpoint folder (local path or s3:// URI)
     metrics: dict[str, Any]  # the metrics reported with that checkpoint
     storage_uri: str  # where Ray Train kept this stage's checkpoints
     latest_checkpoint_path: str | None = None
@@ -38,7 +38,9 @@ class StageResult:
 
     @property
     def model_path(self) -> str:
-        return str(Path(self.checkpoint_path) / CHECKPOINT_MODEL)
+        from tgan_ray.io.storage import join
+
+        return join(self.checkpoint_path, CHECKPOINT_MODEL)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -230,48 +232,61 @@ def train_stage(
     child.log_metrics({f"best/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     child.set_tags({"checkpoint": best.path})
     child.end()
+    scheme = "s3://" if fs is not None else ""  # Ray records S3 checkpoints as bucket/prefix
     return StageResult(
         stage=stage,
-        checkpoint_path=best.path,
+        checkpoint_path=scheme + best.path,
         metrics=dict(metrics),
-        storage_uri=f"{storage_path}/{name}",
-        latest_checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        storage_uri=f"{scheme}{storage_path}/{name}",
+        latest_checkpoint_path=scheme + result.checkpoint.path if result.checkpoint else None,
         extra={"mlflow_run_id": child.run_id},
     )
 
 
-def prune_checkpoints(stage: dict[str, Any]) -> int:
+def prune_checkpoints(stage: dict[str, Any], storage: StorageConfig | None = None) -> int:
     """Delete a finished stage's Ray Train checkpoints, all but its best model; returns the bytes freed.
 
     Once the pipeline records a stage done, a resumed run never trains it again, so the optimizer state and the
     other checkpoints are dead weight (200 MB per NPsSegNet checkpoint at the cpu preset). The best checkpoint's
     ``model.pt`` stays, because later steps and ``tgan generate`` read the GANs from it. Ray Train's checkpoint
     index goes too: a stage run again under this name starts afresh instead of looking for folders that are gone.
-    Local storage only; on S3 a bucket lifecycle rule is the tool for it.
+    Local folders and S3 alike, through one pyarrow filesystem.
 
     Args:
         stage: a :class:`StageResult` as a dict (``checkpoint_path``, ``storage_uri``).
+        storage: the S3 endpoint of an ``s3://`` storage.
     """
-    import shutil
+    from pyarrow import fs as pafs
 
     from tgan_ray.io import storage as st
 
     root, best = stage.get("storage_uri"), stage.get("checkpoint_path")
-    if not root or not best or st.is_s3(root) or not Path(root).is_dir():
+    if not root or not best:
         return 0
-    best_dir = Path(best).resolve()
+    if st.is_s3(root):
+        filesystem, root, best = st.pyarrow_filesystem(storage), root[len("s3://") :], best[len("s3://") :]
+    else:
+        filesystem, root, best = pafs.LocalFileSystem(), str(Path(root).resolve()), str(Path(best).resolve())
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+        return 0
+
+    def files(folder: str) -> list:
+        selector = pafs.FileSelector(folder, recursive=True)
+        return [f for f in filesystem.get_file_info(selector) if f.type == pafs.FileType.File]
+
     freed = 0
-    for entry in Path(root).iterdir():
-        if entry.is_dir() and entry.name.startswith("checkpoint_"):
-            keep = entry.resolve() == best_dir
-            for f in [
-                p for p in entry.rglob("*") if p.is_file() and not (keep and p.name == CHECKPOINT_MODEL)
-            ]:
-                freed += f.stat().st_size
-                f.unlink()
-            if not keep:
-                shutil.rmtree(entry)
-        elif entry.is_file() and entry.name.startswith("checkpoint_manager_snapshot"):
-            freed += entry.stat().st_size
-            entry.unlink()
+    for entry in filesystem.get_file_info(pafs.FileSelector(root)):
+        name = entry.base_name
+        if entry.type == pafs.FileType.Directory and name.startswith("checkpoint_"):
+            keep = entry.path.rstrip("/") == best.rstrip("/")
+            gone = [f for f in files(entry.path) if not (keep and f.base_name == CHECKPOINT_MODEL)]
+            freed += sum(f.size for f in gone)
+            if keep:
+                for f in gone:
+                    filesystem.delete_file(f.path)
+            else:
+                filesystem.delete_dir(entry.path)
+        elif entry.type == pafs.FileType.File and name.startswith("checkpoint_manager_snapshot"):
+            freed += entry.size
+            filesystem.delete_file(entry.path)
     return freed
