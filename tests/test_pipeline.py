@@ -167,18 +167,18 @@ def test_blobs_outside_a_virtual_mask_are_left_out_without_classical_settings(tm
 
     stack = make_stack(tmp_path / "stack", n=4, modality="haadf", size=128, seed=4) / "images"
     pipeline = Pipeline(str(stack), tmp_path / "run", load_config("quick", overrides=TINY), log=print)
-    frames = pipeline._step("stack", pipeline.step_stack)["frames"]
+    frames = pipeline.run_step("stack", pipeline.step_stack)["frames"]
     pipeline.manifest.mark_done("round1/rough", {"folder": str(tmp_path)}, 0.0)  # no "settings"
     pipeline.tracker.end()
     from skimage.measure import label
 
     from tgan_ray.masks import ClassicalSegmenter
 
-    work = pipeline._work(frames[0]["stem"])
+    work = pipeline.work_frame(frames[0]["stem"])
     blobs = label(ClassicalSegmenter("bright").segment(work))
     assert blobs.max() >= 2, "the synthetic frame needs two particles"
     kept = blobs == 1  # the mask holds one particle; the generator "painted" the others
-    out = pipeline._unmasked_left_out(work[None], kept[None].astype(np.uint8), rnd=1)[0]
+    out = pipeline.unmasked_left_out(work[None], kept[None].astype(np.uint8), rnd=1)[0]
     assert (out[kept] == 1).all()
     assert (out == IGNORE).any() and (out[(blobs > 1)] == IGNORE).mean() > 0.5
 
@@ -448,7 +448,7 @@ def test_adaptation_rounds_use_the_previous_segmenter(finished_run):
     pipe = Pipeline(str(stack / "images"), out, cfg, log=lambda m: None)
     round1 = Segmenter(out / "round1" / "npssegnet.pt", pipe.data_cfg, cfg.segmenter)
     stem = steps["stack"]["outputs"]["subset1"][0]
-    expected = round1.segment_working(pipe._work(stem))
+    expected = round1.segment_working(pipe.work_frame(stem))
     got = np.asarray(Image.open(out / "round2" / "rough" / f"{stem}.png")) > 127
     np.testing.assert_array_equal(got, expected)
     # Each round draws its own random masks; the final masks come from the last round's segmenter.

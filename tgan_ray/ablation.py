@@ -112,7 +112,7 @@ class Ablation:
     def split(self) -> tuple[dict, list[str], list[str]]:
         """(stack, training pool in subset order, held-out stems). The pool starts with the pipeline's subset 1,
         then subset 2 in a seeded order, so every subset contains the smaller ones."""
-        stack = self.pipe._step("stack", self.pipe.step_stack)
+        stack = self.pipe.run_step("stack", self.pipe.step_stack)
         if not stack["test"]:
             raise ValueError(
                 f"the ablation needs held-out images, but data.test_fraction={self.cfg.data.test_fraction} leaves "
@@ -133,7 +133,7 @@ class Ablation:
             segment = create_rough_segmenter(self.cfg.rough).segment
             self.rough_dir.mkdir(parents=True, exist_ok=True)
             for stem in todo:
-                write_mask_png(self.rough_dir / f"{stem}.png", segment(self.pipe._work(stem)))
+                write_mask_png(self.rough_dir / f"{stem}.png", segment(self.pipe.work_frame(stem)))
             self.log(f"   rough masks of {len(todo)} images in {self.rough_dir}")
         return {"folder": str(self.rough_dir)}
 
@@ -149,7 +149,7 @@ class Ablation:
 
         data = self.pipe.pix2pix_data({"subset1": train, "subset2": pool, "test": []}, rough, prior, 1)
         if crops > len(data["train_images"]):
-            data["train_images"], data["train_masks"] = self.pipe._real_crops(
+            data["train_images"], data["train_masks"] = self.pipe.real_crops(
                 train, crops, self.pipe.pix2pix_masks({"subset1": train}, rough)
             )
         result = train_stage(
@@ -219,9 +219,9 @@ class Ablation:
         from tgan_ray.inference import pick_device
         from tgan_ray.masks import check_masks
         from tgan_ray.metrics.gan import build_feature_extractor, extractor_label
-        from tgan_ray.pipeline import _load_pngs
+        from tgan_ray.pipeline import load_pngs
 
-        step, pipe, d = self.pipe._step, self.pipe, self.cfg.data
+        step, pipe, d = self.pipe.run_step, self.pipe, self.cfg.data
         stack, pool, held_out = self.split()
         sizes = plan_subsets(len(pool), subset_sizes, self.log)
         self.log(
@@ -289,7 +289,7 @@ class Ablation:
             self.log(
                 f"   {n_gen} generated images per variant, not {self.n_generated}: prior.n_masks = {n_gen}"
             )
-        random_masks = _load_pngs(self.out / "round1" / "virtual" / "masks", prior["masks"][:n_gen], True)
+        random_masks = load_pngs(self.out / "round1" / "virtual" / "masks", prior["masks"][:n_gen], True)
         label = extractor_label(self.extractor_name)
         self.extractor = None
         rows = []
@@ -346,7 +346,7 @@ def _model(stage: dict) -> str:
 
 
 def _held_out_set(pipe, stems: list[str], mask_of, size: int) -> tuple[np.ndarray, np.ndarray]:
-    crops = [held_out_crops(pipe._work(s), mask_of(s), size) for s in stems]
+    crops = [held_out_crops(pipe.work_frame(s), mask_of(s), size) for s in stems]
     return np.concatenate([c[0] for c in crops]), np.concatenate([c[1] for c in crops])
 
 

@@ -184,14 +184,14 @@ def run_campaign(
 
     # The campaign's data come from the pipeline's own steps (resumable in <out>/prep).
     pipe = Pipeline(images, out / "prep", cfg, log=log)
-    stack = pipe._step("stack", pipe.step_stack)
-    rough = pipe._step("round1/rough", pipe.step_rough, stack, 1)
-    prior = pipe._step("round1/prior", pipe.step_prior, stack, rough, 1)
+    stack = pipe.run_step("stack", pipe.step_stack)
+    rough = pipe.run_step("round1/rough", pipe.step_rough, stack, 1)
+    prior = pipe.run_step("round1/prior", pipe.step_prior, stack, rough, 1)
     if stage == "pix2pix":
         data = pipe.pix2pix_data(stack, rough, prior, 1)
     else:
-        p2p = pipe._step("round1/pix2pix", pipe.step_pix2pix, stack, rough, prior, 1)
-        gen1 = pipe._step("round1/gen1", pipe.step_gen, "masks", "gen1", p2p, 1)
+        p2p = pipe.run_step("round1/pix2pix", pipe.step_pix2pix, stack, rough, prior, 1)
+        gen1 = pipe.run_step("round1/gen1", pipe.step_gen, "masks", "gen1", p2p, 1)
         data = pipe.cyclegan_data(stack, gen1)
 
     campaign = pipe.tracker.start_child(

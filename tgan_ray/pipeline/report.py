@@ -53,7 +53,7 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
         "Particle shape": plot_shapes(df, plots / "shapes.png"),
     }
     for frame in stack["frames"][: pipe.cfg.run.report_overlays]:
-        image = pipe._work(frame["stem"])
+        image = pipe.work_frame(frame["stem"])
         mask = read_mask_png(Path(masks["folder"]) / f"{frame['stem']}.png")
         mask_small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.shape[::-1])) > 127
         figures[f"Masks on {frame['stem']}"] = plot_overlay(
@@ -154,7 +154,7 @@ def _sample_grid(pipe, stack: dict, rnd: int, plots: Path) -> Path:
     for i, name in enumerate(names):
         stem = stems[i % len(stems)]
         real, rough = random_crops(
-            [pipe._work(stem)],
+            [pipe.work_frame(stem)],
             pipe.cfg.data.image_size,
             1,
             rng,
