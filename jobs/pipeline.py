@@ -10,9 +10,9 @@ The same work as ``tgan run``. Submit it to a cluster from the repository root::
         python jobs/pipeline.py --images /data/stack/images --out /data/runs/smoke --smoke-test
 
 The run folder (``--out``) is best an S3 prefix on a real cluster: Train checkpoints, generated pairs and masks go
-there from every node, and the driver keeps a local working copy (``tgan_ray/run_folder.py``). A local folder must be
-on storage every node mounts at the same path. Running the same command again resumes the run, from S3 on any node. MLflow goes to MLFLOW_TRACKING_URI and S3 to
-AWS_ENDPOINT_URL when the config does not name them.
+there from every node, and the driver keeps a local working copy (``tgan_ray/run_folder.py``). A local folder must
+be on storage every node mounts at the same path. Running the same command again resumes the run, from S3 on any
+node. MLflow goes to MLFLOW_TRACKING_URI and S3 to AWS_ENDPOINT_URL when the config does not name them.
 """
 
 from __future__ import annotations

@@ -208,6 +208,24 @@ def test_find_run_models_takes_the_last_finished_round(tmp_path):
         find_run_models(tmp_path / "elsewhere", _cfg())
 
 
+def test_find_run_models_in_an_s3_run_folder(tmp_path, s3_bucket):
+    endpoint, bucket = s3_bucket
+    cfg = _cfg(**{"storage.s3_endpoint_url": endpoint})
+    steps = {
+        f"round1/{stage}": {"status": "done", "outputs": {"checkpoint_path": f"s3://{bucket}/r/ray/{stage}"}}
+        for stage in ("pix2pix", "cyclegan")
+    }
+    s3_client(cfg.storage).put_object(Bucket=bucket, Key="r/manifest.json", Body=json.dumps({"steps": steps}))
+    assert find_run_models(f"s3://{bucket}/r/", cfg) == {
+        "round": 1,
+        "prior": f"s3://{bucket}/r/round1/prior.json",
+        "pix2pix": f"s3://{bucket}/r/ray/pix2pix/model.pt",
+        "cyclegan": f"s3://{bucket}/r/ray/cyclegan/model.pt",
+    }
+    with pytest.raises(ScaleOutError, match="not a pipeline run folder"):
+        find_run_models(f"s3://{bucket}/elsewhere", cfg)
+
+
 def test_actor_pool_that_would_starve_the_tasks_is_refused(ray_local, tmp_path, artefacts):
     """On 2 CPUs, 2 actors x 0.75 CPU leave no whole CPU for ray.data.range's read task: a job that would wait
     forever is refused with the settings to change."""

@@ -293,7 +293,7 @@ def ablate(
 @app.command()
 def generate(
     run_dir: Annotated[
-        Path, typer.Option("--run", help="A finished `tgan run` folder (its prior and GANs).")
+        str, typer.Option("--run", help="A finished `tgan run` folder or s3:// run (its prior and GANs).")
     ],
     out: Annotated[str, typer.Option("--out", help="Output folder or s3://bucket/prefix.")],
     n: Annotated[int, typer.Option("--n", help="Virtual (image, mask) pairs to make.")] = 1000,

@@ -35,7 +35,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -494,18 +493,21 @@ def stage_model_uri(checkpoint_path: str, cfg: Config) -> str:
 def find_run_models(run_dir: str | os.PathLike, cfg: Config) -> dict[str, str]:
     """The last finished round's prior and best pix2pix / CycleGAN models of a pipeline run.
 
+    Args:
+        run_dir: the run folder, local or ``s3://`` (``tgan run --out s3://...``).
+
     Returns:
         ``{"round", "prior", "pix2pix", "cyclegan"}`` (paths or URIs).
 
     Raises:
         ScaleOutError: no run manifest, or no round with both GAN stages finished.
     """
-    run = Path(run_dir)
-    path = run / "manifest.json"
-    if not path.is_file():
-        raise ScaleOutError(f"not a pipeline run folder (no manifest.json): {run}")
+    run = str(run_dir).rstrip("/") if st.is_s3(run_dir) else str(run_dir)
+    path = st.join(run, "manifest.json")
     try:
-        steps = json.loads(path.read_text()).get("steps", {})
+        steps = json.loads(st.read_bytes(path, cfg.storage)).get("steps", {})
+    except st.StorageNotFoundError:
+        raise ScaleOutError(f"not a pipeline run folder (no manifest.json): {run}") from None
     except json.JSONDecodeError as exc:
         raise ScaleOutError(f"run manifest {path} is corrupt ({exc.msg})") from None
     rounds = sorted(
@@ -516,7 +518,7 @@ def find_run_models(run_dir: str | os.PathLike, cfg: Config) -> dict[str, str]:
         if p2p.get("status") == "done" and cyc.get("status") == "done":
             return {
                 "round": r,
-                "prior": str(run / f"round{r}" / "prior.json"),
+                "prior": st.join(run, f"round{r}", "prior.json"),
                 "pix2pix": stage_model_uri(p2p["outputs"]["checkpoint_path"], cfg),
                 "cyclegan": stage_model_uri(cyc["outputs"]["checkpoint_path"], cfg),
             }
