@@ -260,3 +260,23 @@ def test_missing_credentials(s3_bucket, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(StorageError, match="no S3 credentials for s3://.*: set AWS_ACCESS_KEY_ID"):
         check_access(f"s3://{bucket}/x", StorageConfig(s3_endpoint_url=endpoint))
+
+
+def test_run_folder_pull_refreshes_a_stale_manifest_of_the_same_size(s3_bucket, tmp_path, monkeypatch):
+    """A working copy left behind by an earlier attempt on this machine: S3 moved on, the manifest kept its size."""
+    from tgan_ray.config import StorageConfig
+    from tgan_ray.io.storage import list_sizes
+    from tgan_ray.run_folder import RunFolder
+
+    endpoint, bucket = s3_bucket
+    monkeypatch.setenv("TGAN_CACHE_DIR", str(tmp_path))
+    storage = StorageConfig(s3_endpoint_url=endpoint)
+    folder = RunFolder(f"s3://{bucket}/runs/r1", storage)
+    (folder.local / "work").mkdir(parents=True)
+    (folder.local / "manifest.json").write_text('{"steps": {"a": 1}}')
+    (folder.local / "work" / "f.npy").write_bytes(b"1234")
+    folder.push()
+    assert sorted(list_sizes(f"s3://{bucket}/runs/r1", storage)) == ["manifest.json", "work/f.npy"]
+    s3_client(storage).put_object(Bucket=bucket, Key="runs/r1/manifest.json", Body=b'{"steps": {"b": 2}}')
+    RunFolder(f"s3://{bucket}/runs/r1", storage).pull()
+    assert (folder.local / "manifest.json").read_text() == '{"steps": {"b": 2}}'

@@ -26,6 +26,8 @@ from tgan_ray.io import storage as st
 MANIFEST = "manifest.json"
 # Ray Train's checkpoints stay on S3: later steps read the few models they need from there.
 _REMOTE_ONLY = ("ray/",)
+# Rewritten in place by every step, often at the same size (SQLite pages): always fetched, never judged by size.
+_BOOKKEEPING = (MANIFEST, "mlflow.db")
 
 
 def working_copy(uri: str) -> Path:
@@ -60,7 +62,7 @@ class RunFolder:
             if rel.startswith(_REMOTE_ONLY):
                 continue
             path = self.local / rel
-            if not path.is_file() or path.stat().st_size != size:
+            if rel in _BOOKKEEPING or not path.is_file() or path.stat().st_size != size:
                 st.download_to(st.join(self.remote, rel), path, self.storage)
             stat = path.stat()
             self._sent[rel] = (stat.st_size, stat.st_mtime_ns)
