@@ -164,3 +164,29 @@ class TestSegmenterStage(BaseStageTester):
         net, meta = load_segmenter(path)
         logits = net(torch.from_numpy(self.data()["val_images"][:, None]))
         assert logits.shape == (2, 2, SIZE, SIZE) and "segmenter" in meta
+
+
+def test_capped_epochs_draw_from_every_item_and_keep_their_length():
+    """``steps_per_epoch`` caps an epoch, not the data: a set larger than one epoch is sampled from end to end.
+
+    NPsSegNet's set is the virtual pairs followed by the real crops (a ConcatDataset). When an epoch was the
+    set's first ``steps x batch`` items, the real crops were never seen.
+    """
+    from torch.utils.data import ConcatDataset, TensorDataset
+
+    from tgan_ray.train.plumbing import build_loader, set_epoch
+
+    virtual, real = TensorDataset(torch.arange(0, 60)), TensorDataset(torch.arange(60, 100))
+    ctx = local_context(seed=0)
+    loader = build_loader(ConcatDataset([virtual, real]), 4, ctx, steps_per_epoch=3)
+    seen = []
+    for epoch in range(10):
+        set_epoch(loader, epoch)
+        batches = [b[0] for b in loader]
+        assert len(batches) == len(loader) == 3 and all(len(b) == 4 for b in batches)
+        seen += torch.cat(batches).tolist()
+    assert max(seen) >= 60, "the second part of the set (the real crops) was never drawn"
+    assert len(set(seen)) > 60  # ten epochs of 12 items: most of the 100, not the first 12 over and over
+
+    small = build_loader(TensorDataset(torch.arange(5)), 4, ctx, steps_per_epoch=3)
+    assert [len(b[0]) for b in small] == [4, 4, 4]  # a 5-item subset 1 still fills a 3-step epoch
