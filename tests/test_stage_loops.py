@@ -184,6 +184,7 @@ def test_capped_epochs_draw_from_every_item_and_keep_their_length():
         set_epoch(loader, epoch)
         batches = [b[0] for b in loader]
         assert len(batches) == len(loader) == 3 and all(len(b) == 4 for b in batches)
+        assert loader.batch_size == 4  # what the worker's images/s line reads
         seen += torch.cat(batches).tolist()
     assert max(seen) >= 60, "the second part of the set (the real crops) was never drawn"
     assert len(set(seen)) > 60  # ten epochs of 12 items: most of the 100, not the first 12 over and over

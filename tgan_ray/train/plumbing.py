@@ -162,9 +162,10 @@ class CappedLoader:
     def __len__(self) -> int:
         return min(self.steps, len(self.loader))
 
-    @property
-    def sampler(self):
-        return getattr(self.loader, "sampler", None)
+    def __getattr__(self, name: str):  # batch_size, sampler, dataset: the wrapped loader's
+        if name == "loader":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
 
 def build_loader(
