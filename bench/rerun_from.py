@@ -67,6 +67,9 @@ def main() -> None:
     cfg = with_overrides(build_config(manifest["config"], str(old_run)), overrides)
     shutil.copytree(old_run, new_run, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "logs"))
     dropped = forget_from(manifest, args.step, old_run, new_run)
+    if "segment" in dropped:  # step 8 refuses a folder of masks made by another model: start it afresh
+        for folder in ("segment", "masks"):
+            shutil.rmtree(new_run / folder, ignore_errors=True)
     manifest["config"] = config_to_dict(cfg)
     (new_run / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(f"redoing {', '.join(dropped)} with {overrides}", flush=True)
