@@ -1,6 +1,9 @@
 """Shared fixtures. One local Ray instance per test session (starting Ray per test is slow)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -19,6 +22,10 @@ _TEST_CREDENTIALS = {
 }
 for _key, _value in _TEST_CREDENTIALS.items():
     os.environ.setdefault(_key, _value)
+# Copies of remote models and S3 run folders go to a folder of this test process, never the user's ~/.cache, and
+# two pytest-xdist workers (each imports this file) never share one.
+os.environ["TGAN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tgan-test-cache-")
+atexit.register(shutil.rmtree, os.environ["TGAN_CACHE_DIR"], ignore_errors=True)
 
 
 # A test that starts one of these (a Ray instance, an S3 or MLflow server, a whole run) is an integration test.
@@ -67,7 +74,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": its own instance, also beside another worker's or a test cluster's
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
     try:
         from ray.data import DataContext
 

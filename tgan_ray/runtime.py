@@ -63,6 +63,7 @@ def init_ray(cfg: RayConfig | None = None, num_cpus: int | None = None, log_to_d
             ray.init(address=address, log_to_driver=log_to_driver)
         else:
             ray.init(
+                address="local",  # a new instance: never a `ray start` cluster that happens to run here
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 log_to_driver=log_to_driver,
