@@ -40,29 +40,7 @@ def _kind(item) -> str:
     return "stages" if item.module.__name__.rsplit(".", 1)[-1] in STAGE_MODULES else "unit"
 
 
-# The longest files, longest first (a few minutes each on 2 cores): with `-n 2 --dist loadfile` a worker takes the
-# next file as it frees up, so starting with these keeps one of them from running alone at the end.
-LONGEST_FIRST = (
-    "test_pipeline",
-    "test_cli",
-    "test_gpu_suite",
-    "test_cluster_local",
-    "test_ablation",
-    "test_train_stages",
-    "test_tune",
-    "test_segment",
-    "test_serve",
-    "test_generate",
-)
-
-
-def _module_rank(item) -> int:
-    name = item.module.__name__.rsplit(".", 1)[-1]
-    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=_module_rank)  # stable: each file's own order is kept
     for item in items:
         item.add_marker(getattr(pytest.mark, _kind(item)))
     run_slow = os.environ.get("TGAN_RUN_SLOW") == "1"
