@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from tgan_ray.masks.consistency import median_contrast, particle_contrast, shows_all_particles
+from tgan_ray.masks.consistency import (
+    median_contrast,
+    particle_contrast,
+    shows_all_particles,
+    undrawn_particles,
+)
 
 
 def _disk(shape, centre, radius):
@@ -37,6 +42,9 @@ def test_a_particle_the_generator_left_out_is_found(polarity):
     # Drawn in the opposite polarity is not drawn either; 0 switches the check off.
     assert not shows_all_particles(image, mask & ~missing, -reference, 0.3)
     assert shows_all_particles(image, mask, reference, 0.0)
+    # The pixels of the particle left out, and of no other (step 7 leaves them out of the loss).
+    np.testing.assert_array_equal(undrawn_particles(image, mask, reference, 0.3), missing)
+    assert not undrawn_particles(image, mask, reference, 0.0).any()
 
 
 def test_empty_masks_and_particles_without_a_ring_are_kept():

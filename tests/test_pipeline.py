@@ -381,6 +381,20 @@ def test_rerun_with_another_config_is_refused(finished_run):
         check_inputs(str(finished_run["stack"] / "images"), finished_run["uri"], cfg)  # read from S3
 
 
+def test_a_run_from_before_an_option_existed_resumes_while_the_option_keeps_its_default():
+    from tgan_ray.config import config_to_dict
+    from tgan_ray.pipeline.common import check_same_config
+
+    cfg = load_config("quick")
+    older = config_to_dict(cfg)
+    del older["segmenter"]["ignore_undrawn"]  # written by a version without the option
+    older["segmenter"]["retired_option"] = 1  # and with one since removed, which no longer does anything
+    check_same_config("r1", older, cfg)
+    on = load_config("quick", overrides={"segmenter.ignore_undrawn": True})
+    with pytest.raises(PipelineError, match=r"\(segmenter.ignore_undrawn\)"):
+        check_same_config("r1", older, on)
+
+
 def test_run_to_s3_with_a_wrong_credential_is_one_line_before_any_work(
     tmp_path, s3_bucket, monkeypatch, moto_auth
 ):

@@ -226,6 +226,12 @@ class SegmenterConfig(_Section):
         "(the classical segmenter's loosest candidates; masks/consistency.py). The generators learned from "
         "rough masks that miss particles, so they paint some without a mask. False: such blobs are background.",
     )
+    ignore_undrawn: bool = Field(
+        False,
+        description="Leave out of the loss the masked particles a chosen virtual image still does not show "
+        "(contrast under min_drawn_contrast x the real particles'; masks/consistency.py). False: they stay "
+        "particles, so the segmenter learns that some particles look like support.",
+    )
     min_particle_fraction: float = Field(
         0.5,
         ge=0,

@@ -9,7 +9,11 @@ pipeline then takes, pair by pair, a generation that shows every particle of the
     ok = shows_all_particles(image, mask, reference, min_fraction=0.3)
 
 (Taking the undrawn particles out of the masks instead was tried: the segmenter then learned that faint
-particles are support, and its recall on a low-SNR stack fell from 0.43-0.68 to 0.20.)
+particles are support, and its recall on a low-SNR stack fell from 0.43-0.68 to 0.20.) Where neither generation
+drew a particle, step 7 leaves it out of the loss instead (``segmenter.ignore_undrawn``): it is neither taught
+as a particle that looks like support nor as support.
+
+    undrawn = undrawn_particles(image, mask, reference, min_fraction=0.3)
 
 The other way round, a generator also paints particles its mask does not hold: pix2pix learned from rough masks
 that leave real particles unlabelled, so it learned that support sometimes grows a particle. Those blobs are left
@@ -79,10 +83,23 @@ def shows_all_particles(
     Returns:
         True when each particle is drawn (always for an empty mask, or with the check disabled).
     """
+    return not undrawn_particles(image, mask, reference, min_fraction).any()
+
+
+def undrawn_particles(
+    image: np.ndarray, mask: np.ndarray, reference: float, min_fraction: float = 0.3
+) -> np.ndarray:
+    """The particles of ``mask`` that ``image`` does not show (arguments as :func:`shows_all_particles`).
+
+    Returns:
+        (H, W) bool, the pixels of the masked particles whose contrast falls short (none with the check disabled).
+    """
+    mask = np.asarray(mask) > 0
     if reference == 0 or min_fraction <= 0:
-        return True
-    contrast, _ = particle_contrast(image, mask > 0)
-    return bool(np.all(np.sign(reference) * contrast >= min_fraction * abs(reference)))
+        return np.zeros_like(mask)
+    contrast, labels = particle_contrast(image, mask)
+    short = np.flatnonzero(np.sign(reference) * contrast < min_fraction * abs(reference)) + 1
+    return np.isin(labels, short)
 
 
 def unmasked_particles(candidates: np.ndarray, mask: np.ndarray) -> np.ndarray:

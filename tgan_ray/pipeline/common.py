@@ -99,8 +99,16 @@ def save_pngs_named(folder: Path, stems: list[str], masks: list[np.ndarray]) -> 
 
 
 def check_same_config(run_dir: Path | str, saved: dict | None, cfg: Config) -> None:
-    if saved is not None and saved != config_to_dict(cfg):
-        changed = sorted(k for k, v in flatten_config(cfg).items() if flat(saved).get(k) != v)
+    """Refuse to resume ``run_dir`` with other settings than it started with.
+
+    A run started by an older version lacks the options added since: each counts as unchanged while it keeps its
+    default (the behaviour before it existed), so an upgrade does not strand a half-finished run.
+    """
+    if saved is None or saved == config_to_dict(cfg):
+        return
+    before, defaults = flat(saved), flatten_config(Config())
+    changed = sorted(k for k, v in flatten_config(cfg).items() if before.get(k, defaults.get(k)) != v)
+    if changed:
         raise PipelineError(
             f"run folder {run_dir} was started with a different config ({', '.join(changed[:5])}); "
             "use a new --out, or the same settings to resume"

@@ -245,18 +245,24 @@ class GANSteps:
             "chosen": chosen,
         }
 
+    def real_particle_contrast(self, rnd: int) -> float:
+        """The real particles' signed median contrast to their support (step 2's masks of subset 1)."""
+        from tgan_ray.masks.consistency import median_contrast
+
+        rough = self.manifest.outputs(f"round{rnd}/rough")
+        stems = list(rough["particles"])
+        return median_contrast(
+            [self.work_frame(s) for s in stems],
+            [load_mask(Path(rough["folder"]) / f"{s}.png") for s in stems],
+        )
+
     def _drawn_pairs(self, rows, virtual: Path, first: str, second: str, rnd: int):
         """Pairs whose image shows every particle of the mask: column ``first``, else ``second``, else ``first``."""
         from PIL import Image
 
-        from tgan_ray.masks.consistency import median_contrast, shows_all_particles
+        from tgan_ray.masks.consistency import shows_all_particles
 
-        rough = self.manifest.outputs(f"round{rnd}/rough")
-        stems = list(rough["particles"])
-        reference = median_contrast(
-            [self.work_frame(s) for s in stems],
-            [load_mask(Path(rough["folder"]) / f"{s}.png") for s in stems],
-        )
+        reference = self.real_particle_contrast(rnd)
         min_fraction = self.cfg.segmenter.min_drawn_contrast
 
         def shows_all(column: str, row) -> bool:

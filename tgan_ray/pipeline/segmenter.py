@@ -28,6 +28,8 @@ class SegmenterStep:
         real_images, real_labels = self._pseudo_labelled_crops(len(pairs) - n_val, rnd)
         if self.cfg.segmenter.ignore_unmasked:
             masks[n_val:] = self.unmasked_left_out(images[n_val:], masks[n_val:], rnd)
+        if self.cfg.segmenter.ignore_undrawn:
+            masks[n_val:] = self.undrawn_left_out(images[n_val:], masks[n_val:], rnd)
         result = train_stage(
             "segmenter",
             self.cfg.segmenter,
@@ -83,6 +85,24 @@ class SegmenterStep:
             left_out += float(unsure.mean()) / len(images)
         self.log(
             f"   blobs painted outside their masks: {left_out:.1%} of training pixels left out of the loss"
+        )
+        return out
+
+    def undrawn_left_out(self, images: np.ndarray, masks: np.ndarray, rnd: int) -> np.ndarray:
+        """Training masks with the masked particles their image does not show marked unsure (IGNORE)."""
+        from tgan_ray.masks.consistency import undrawn_particles
+        from tgan_ray.masks.pseudo import IGNORE
+
+        reference = self.real_particle_contrast(rnd)
+        min_fraction = self.cfg.segmenter.min_drawn_contrast
+        out, particles, undrawn = masks.copy(), 0, 0
+        for image, label in zip(images, out):
+            missing = undrawn_particles(image, label == 1, reference, min_fraction)
+            particles, undrawn = particles + int((label == 1).sum()), undrawn + int(missing.sum())
+            label[missing] = IGNORE
+        self.log(
+            f"   masked particles their image does not show: {undrawn / max(particles, 1):.1%} of particle "
+            "pixels left out of the loss"
         )
         return out
 
