@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from tgan_ray.config import DataConfig, load_config
-from tgan_ray.generate import ScaleOutError
 from tgan_ray.io import StorageError, StorageNotFoundError, s3_client
+from tgan_ray.scale_out import ScaleOutError
 from tgan_ray.segment import STATUS_ERROR, STATUS_REUSED, STATUS_SEGMENTED, segment_stack, unique_stems
 
 N_IMAGES, SIZE = 5, 96

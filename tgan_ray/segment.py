@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 
 from tgan_ray.config import Config, DataConfig, SegmenterConfig, StorageConfig
-from tgan_ray.generate import (
+from tgan_ray.io import storage as st
+from tgan_ray.messages import one_line
+from tgan_ray.scale_out import (
     IO_TASK_CPUS,
     ScaleOutError,
     actor_pool_options,
@@ -46,8 +48,6 @@ from tgan_ray.generate import (
     local_copy,
     read_model,
 )
-from tgan_ray.io import storage as st
-from tgan_ray.messages import one_line
 
 STATUS_SEGMENTED, STATUS_REUSED, STATUS_ERROR = "segmented", "reused", "error"
 IMAGE_COLUMNS = (
