@@ -113,18 +113,17 @@ class GANStage(Stage):
         self.sched_d.step()
         return {f"train/{k}": v for k, v in _mean(rows).items()} | {"train/lr": lr}
 
-    @torch.no_grad()
     def generate(self, inputs: np.ndarray, batch_size: int = 16) -> np.ndarray:
-        """Inputs in [0, 1] (N x H x W) -> generated images in [0, 1]."""
-        generator = unwrap(self.model.nets[self.model.generator_names[0]]).eval()
-        out = []
-        for i in range(0, len(inputs), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(inputs[i : i + batch_size], dtype=np.float32))
-            x = self.ctx.to_device(x[:, None] * 2 - 1)
-            with self.ctx.autocast():
-                y = generator(x)
-            out.append(((y.float().clamp(-1, 1) + 1) / 2)[:, 0].cpu().numpy())
-        return np.concatenate(out)
+        """Inputs in [0, 1] (N x H x W) -> generated images in [0, 1], on the path steps 4 and 6 generate on
+        (``inference.run_generator``), so that the KID that picks a checkpoint scores what it will generate."""
+        from tgan_ray.inference import run_generator
+
+        generator = unwrap(self.model.nets[self.model.generator_names[0]])
+        was_training = generator.training
+        try:
+            return run_generator(generator.eval(), inputs, batch_size)
+        finally:
+            generator.train(was_training)
 
     def evaluate(self) -> dict[str, float]:
         from tgan_ray.metrics.gan import build_feature_extractor, extractor_label, image_quality
