@@ -12,6 +12,7 @@ import json
 import shutil
 import uuid
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ from tgan_ray.config import load_config
 from tgan_ray.data.synthetic import make_stack
 from tgan_ray.io import read_image
 from tgan_ray.io.storage import s3_client, split_s3
-from tgan_ray.pipeline import Pipeline, PipelineError, check_inputs, run_pipeline
+from tgan_ray.pipeline import Pipeline, PipelineError, check_inputs, load_pngs, run_pipeline
 
 TINY = {
     "data.image_size": 64,
@@ -236,6 +237,42 @@ def test_pix2pix_sees_what_step_2_is_unsure_of(finished_run):
         assert (read_pseudo_label(f"{rough['pseudo']}/{stem}.png")[unsure] == IGNORE).all()
         assert not (unsure & ndi.binary_dilation(rough_mask)).any()
     assert all(set(np.unique(m)) <= {0, 1} for m in masks_with(False))
+
+
+def test_step_7_can_leave_out_the_masked_particles_no_generation_drew(finished_run):
+    """segmenter.ignore_undrawn: exactly the masked particles a chosen virtual image does not show become IGNORE
+    (the rest of each mask is kept), and the log says what share of particle pixels that was."""
+    from scipy.ndimage import binary_dilation
+    from skimage.measure import label
+
+    from tgan_ray.masks.consistency import undrawn_particles
+    from tgan_ray.masks.pseudo import IGNORE
+
+    lines: list[str] = []
+    pipeline = Pipeline(
+        str(finished_run["stack"] / "images"), finished_run["out"], finished_run["cfg"], log=lines.append
+    )
+    pipeline.tracker.end()
+    virtual = Path(pipeline.manifest.outputs("round1/virtual")["manifest"])
+    pairs = json.loads(virtual.read_text())["pairs"]
+    images = load_pngs(virtual.parent, [p["image"] for p in pairs])
+    masks = load_pngs(virtual.parent, [p["mask"] for p in pairs], is_mask=True)
+    first = next(i for i, m in enumerate(masks) if (m == 1).any())
+    one = label(masks[first] == 1) == 1
+    ring = binary_dilation(one, iterations=3) & (masks[first] == 0)
+    # A particle the generator left out, whatever the toy GANs drew: its pixels take its support's level.
+    images[first][one] = images[first][ring].mean()
+    labels = pipeline.undrawn_left_out(images, masks, 1)
+    reference = pipeline.real_particle_contrast(1)
+    expected = [
+        undrawn_particles(i, m, reference, finished_run["cfg"].segmenter.min_drawn_contrast)
+        for i, m in zip(images, masks)
+    ]
+    assert expected[first][one].all()
+    np.testing.assert_array_equal(labels == IGNORE, np.stack(expected))
+    np.testing.assert_array_equal(labels[labels != IGNORE], masks[labels != IGNORE])
+    share = np.stack(expected).sum() / (masks == 1).sum()
+    assert f"{share:.1%} of particle pixels left out of the loss" in lines[-1], lines
 
 
 def test_every_artefact_is_written(finished_run):
