@@ -382,6 +382,7 @@ def test_every_artefact_is_written(finished_run):
     check = summary["self_check"]
     assert check["verdict"] in ("ok", "check") and (check["warning"] is None) == (check["verdict"] == "ok")
     assert check["frames"] == split["test"] and check["agreement"]["confident"] > 0
+    assert check["support"]["share"] is None or 0 <= check["support"]["share"] <= 1
     assert check["step2"]["particles_per_frame"] > 0 and check["realism"]["source"] in ("gen1", "gen2")
     assert table["image_uncertainty"].between(0, 1).all()
     assert segmented["uncertainty"].between(0, 1).all()

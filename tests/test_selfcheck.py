@@ -21,9 +21,9 @@ def stack():
     return {"images": images, "truth": truth, "confident": confident, "diameter": 2 * float(np.median(radii))}
 
 
-def _drop_half(mask):
+def _keep_a_third(mask):
     labels = label(mask)
-    return mask & (labels % 2 == 0)
+    return mask & (labels % 3 == 0)
 
 
 def test_masks_that_find_the_rough_particles_pass(stack):
@@ -37,15 +37,47 @@ def test_masks_that_find_the_rough_particles_pass(stack):
 
 def test_masks_that_miss_the_rough_particles_warn(stack):
     plausibility = selfcheck.rough_plausibility(stack["images"], stack["confident"], stack["diameter"])
-    for worse in ([_drop_half(m) for m in stack["truth"]], [np.zeros_like(m) for m in stack["truth"]]):
+    for worse in ([_keep_a_third(m) for m in stack["truth"]], [np.zeros_like(m) for m in stack["truth"]]):
         check = selfcheck.verdict(plausibility, selfcheck.confident_recall(worse, stack["confident"]))
         assert check["verdict"] == "check"
         assert "miss" in check["warning"] and "tgan segment --rough" in check["warning"]
         assert "\n" not in check["warning"]
 
 
+def test_masks_mostly_of_false_particles_warn(stack):
+    """Label-free particles with no classical candidate under them: a few are fine, most of them warn."""
+    rough = ClassicalSegmenter("bright", confidence=0.0)
+    contrast, radii = rough.stack_radii(stack["images"])
+    candidates = [rough.segment(im, radii, contrast) for im in stack["images"]]
+    plausibility = selfcheck.rough_plausibility(stack["images"], stack["confident"], stack["diameter"])
+    agreement = selfcheck.confident_recall(stack["truth"], stack["confident"])
+    support = selfcheck.supported_share(stack["truth"], candidates)
+    assert support["share"] > 0.9
+    assert selfcheck.verdict(plausibility, agreement, support=support)["verdict"] == "ok"
+    yy, xx = np.mgrid[:192, :192]
+    flooded = []
+    for truth, cand in zip(stack["truth"], candidates):
+        extra = np.zeros_like(truth, bool)
+        for y in range(8, 192, 16):
+            for x in range(8, 192, 16):
+                disc = (yy - y) ** 2 + (xx - x) ** 2 <= 9
+                if not (ndi_dilate(truth | cand) & disc).any():
+                    extra |= disc
+        flooded.append(truth | extra)
+    support = selfcheck.supported_share(flooded, candidates)
+    assert support["share"] < 0.5
+    check = selfcheck.verdict(plausibility, agreement, support=support)
+    assert check["verdict"] == "check" and "no classical candidate" in check["warning"]
+
+
+def ndi_dilate(mask):
+    from scipy import ndimage as ndi
+
+    return ndi.binary_dilation(mask, iterations=2)
+
+
 def test_swollen_or_merged_particles_count_as_missed(stack):
-    """Masks that cover every confident particle but are three times too wide match none of them at IoU 0.5."""
+    """Masks that cover every confident particle but are three times too wide match none of them at IoU 0.3."""
     from scipy import ndimage as ndi
 
     swollen = [ndi.binary_dilation(m, iterations=6) for m in stack["truth"]]

@@ -7,11 +7,15 @@ Signals (each recorded in ``summary.json`` under ``self_check`` and shown in the
   same shapes moved onto the support. A prior made of support texture (or of one particle) poisons every later
   step. (Not against the pixel noise: a 60 px BF-TEM particle 2.6x the noise std below its support is beyond
   doubt, because its mean is over thousands of pixels; the support's own blobs are the rival explanation.)
-- **agreement with the rough segmenter's confident particles**: the classical segmenter is precision-first, so
-  almost every particle it is sure of is real. A confident particle counts as found when one label-free particle
-  matches it at IoU >= 0.5, as the benchmark scores: merged, split or swollen particles count as missed (mere
-  coverage missed this: on PtW HAADF it said 80% where the label-free masks were the worse ones). Label-free masks
-  that miss many of them are likely worse than the rough masks, whatever else they find.
+- **agreement with the rough segmenter**, on held-out frames, both ways. (a) Found: the classical segmenter is
+  precision-first, so almost every particle it is sure of is real; label-free masks that miss most of them are
+  likely worse than the rough ones, whatever else they find. A confident particle counts as found when one
+  label-free particle matches it at IoU >= 0.3, the benchmark's detection criterion for boxes: the two segmenters
+  draw a particle's edge differently by design (step 2 grows it to 30% of its peak), and at IoU 0.5 runs that beat
+  the rough masks by 0.03-0.18 F1 "missed" 26-39% of them. (b) Supported: the share of label-free particles under
+  which the classical segmenter, at its loosest, sees a candidate blob; particles with no contrast evidence at all
+  are likely false (a run whose precision collapsed had 30% supported; runs better than rough, 90-97%).
+  Either below one half warns. (docs/quality.md, "The self-check against the benchmark", has the measurements.)
 - **realism of the virtual data**: KID of the images the segmenter trained on against real crops (recorded; no
   fixed threshold means the same on every detector).
 - **per-image uncertainty**: the share of a frame's marked pixels the segmenter is unsure of (0.2 < p < 0.8);
@@ -27,16 +31,18 @@ from collections.abc import Sequence
 import numpy as np
 from skimage.measure import label, regionprops
 
-# A label-free run that finds fewer than this share of the rough segmenter's confident particles is flagged.
-MIN_CONFIDENT_RECALL = 0.75
+# A label-free run that finds fewer than this share of the rough segmenter's confident particles, or whose
+# particles have a classical candidate under them less often than this, is flagged: "most of them".
+MIN_CONFIDENT_RECALL = 0.5
+MIN_SUPPORTED = 0.5
 # Step 2: fewest particles per frame, size band around the working scale, least contrast-to-noise ratio.
 MIN_PARTICLES_PER_FRAME = 2.0
 SIZE_BAND = (0.5, 2.0)
 MIN_CONTRAST_TO_SUPPORT = 3.0
 # How many random moves of each frame's particle shapes onto the support make the reference contrasts.
 SUPPORT_SHIFTS = 8
-# IoU at which a label-free particle finds a confident one (the benchmark's object F1 criterion).
-MATCH_IOU = 0.5
+# IoU at which a label-free particle finds a confident one (the benchmark's detection criterion for boxes).
+MATCH_IOU = 0.3
 
 
 def support_contrast(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -110,7 +116,7 @@ def rough_plausibility(
 
 
 def confident_recall(label_free: Sequence[np.ndarray], confident: Sequence[np.ndarray]) -> dict:
-    """Share of the rough segmenter's confident particles that one label-free particle matches at IoU >= 0.5.
+    """Share of the rough segmenter's confident particles that one label-free particle matches at IoU >= 0.3.
 
     Label-free masks are split into particles as the particle table splits them (``split_touching``); the
     confident masks are already cut apart.
@@ -137,6 +143,19 @@ def confident_recall(label_free: Sequence[np.ndarray], confident: Sequence[np.nd
     }
 
 
+def supported_share(label_free: Sequence[np.ndarray], candidates: Sequence[np.ndarray]) -> dict:
+    """Share of the label-free particles (split as the particle table splits them) that overlap a candidate blob
+    of the classical segmenter at its loosest setting."""
+    from tgan_ray.analysis.particles import split_touching
+
+    supported = total = 0
+    for lf, cand in zip(label_free, candidates, strict=True):
+        labels = split_touching(lf > 0)
+        total += int(labels.max())
+        supported += int(np.unique(labels[(labels > 0) & (np.asarray(cand) > 0)]).size)
+    return {"particles": total, "supported": supported, "share": supported / total if total else None}
+
+
 def uncertainty(probability: np.ndarray, low: float = 0.2, high: float = 0.8) -> float:
     """Share of the pixels a segmenter marks at all (p > low) that it is unsure of (low < p < high)."""
     marked = probability > low
@@ -145,7 +164,9 @@ def uncertainty(probability: np.ndarray, low: float = 0.2, high: float = 0.8) ->
     return float(np.mean(probability[marked] < high))
 
 
-def verdict(plausibility: dict, agreement: dict, realism: dict | None = None) -> dict:
+def verdict(
+    plausibility: dict, agreement: dict, realism: dict | None = None, support: dict | None = None
+) -> dict:
     """``{"verdict": "ok" | "check", "warning": one line or None, ...signals}``."""
     reasons = list(plausibility.get("reasons", []))
     recall = agreement.get("recall")
@@ -153,6 +174,12 @@ def verdict(plausibility: dict, agreement: dict, realism: dict | None = None) ->
         reasons.append(
             f"the label-free masks miss {1 - recall:.0%} of the {agreement['confident']} particles the rough "
             "segmenter is sure of"
+        )
+    share = (support or {}).get("share")
+    if share is not None and share < MIN_SUPPORTED:
+        reasons.append(
+            f"{1 - share:.0%} of the {support['particles']} label-free particles have no classical candidate "
+            "under them (false particles?)"
         )
     warning = None
     if reasons:
@@ -166,5 +193,6 @@ def verdict(plausibility: dict, agreement: dict, realism: dict | None = None) ->
         "warning": warning,
         "step2": plausibility,
         "agreement": {k: v for k, v in agreement.items() if k != "per_image"},
+        "support": support or {},
         "realism": realism or {},
     }

@@ -107,7 +107,7 @@ def _self_check_tables(check: dict | None, images: pd.DataFrame) -> dict[str, pd
     """The self-check's verdict and signals, and the frames ordered by the segmenter's uncertainty."""
     tables = {}
     if check:
-        step2, agree = check.get("step2", {}), check.get("agreement", {})
+        step2, agree, support = check.get("step2", {}), check.get("agreement", {}), check.get("support") or {}
         rows = [
             ("verdict", check.get("verdict")),
             ("warning", check.get("warning") or "none"),
@@ -115,8 +115,9 @@ def _self_check_tables(check: dict | None, images: pd.DataFrame) -> dict[str, pd
             ("step 2: median diameter, working px", step2.get("median_diameter_px")),
             ("step 2: blob diameter of the stack, working px", step2.get("expected_diameter_px")),
             ("step 2: contrast / that of support patches", step2.get("contrast_to_support")),
-            ("rough's confident particles found by NPsSegNet", agree.get("recall")),
+            ("rough's confident particles found by NPsSegNet (IoU >= 0.3)", agree.get("recall")),
             ("confident particles checked (held-out frames)", agree.get("confident")),
+            ("NPsSegNet's particles with a classical candidate under them", support.get("share")),
             ("virtual data used", (check.get("realism") or {}).get("source")),
             ("KID of the virtual data vs real crops", (check.get("realism") or {}).get("kid")),
         ]

@@ -77,28 +77,40 @@ class SegmentSteps:
         )
         frames = stack["test"] or stack["subset2"][:8]
         agreement: dict[str, Any] = {"recall": None, "confident": 0, "found": 0}
+        support: dict[str, Any] = {}
         if radii:
             r = self.cfg.rough
             strict = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, r.confidence)
+            loose = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, confidence=0.0)
             model = Segmenter(seg["model"], self.data_cfg, self.cfg.segmenter)
-            label_free, confident = [], []
+            label_free, confident, candidates = [], [], []
             for stem in frames:
                 work = self.work_frame(stem)
                 label_free.append(clean_mask(model.probability_working(work) > 0.5, model.min_particle_px))
-                confident.append(cut_touching(strict.pick_radius(work, radii, settings["contrast"])[1]))
+                radius, sure = strict.pick_radius(work, radii, settings["contrast"])
+                confident.append(cut_touching(sure))
+                candidates.append(loose.segment(work, radius, settings["contrast"]))
             agreement = selfcheck.confident_recall(label_free, confident)
+            support = selfcheck.supported_share(label_free, candidates)
         virtual = self.manifest.outputs(f"round{self.cfg.run.rounds}/virtual")
         realism = {
             "source": virtual.get("source"),
             "kid": (virtual.get("kid") or {}).get(virtual.get("source")),
         }
-        result = selfcheck.verdict(plausibility, agreement, realism) | {"frames": frames}
+        result = selfcheck.verdict(plausibility, agreement, realism, support) | {"frames": frames}
         if result["warning"]:
             self.log(f"   warning: {result['warning']}")
         elif agreement["recall"] is not None:
+            supported = (
+                f", and {support['share']:.0%} of their {support['particles']} particles have a classical "
+                "candidate under them"
+                if support.get("share") is not None
+                else ""
+            )
             self.log(
                 f"   self-check ok: the label-free masks find {agreement['recall']:.0%} of the "
-                f"{agreement['confident']} particles the rough segmenter is sure of ({len(frames)} held-out frames)"
+                f"{agreement['confident']} particles the rough segmenter is sure of{supported} "
+                f"({len(frames)} held-out frames)"
             )
         self.tracker.log_metrics({"selfcheck/confident_recall": agreement["recall"] or 0.0})
         return result
