@@ -21,6 +21,9 @@ def stack():
     return {"images": images, "truth": truth, "confident": confident, "diameter": 2 * float(np.median(radii))}
 
 
+_particles = selfcheck.label_free_particles
+
+
 def _keep_a_third(mask):
     labels = label(mask)
     return mask & (labels % 3 == 0)
@@ -28,7 +31,7 @@ def _keep_a_third(mask):
 
 def test_masks_that_find_the_rough_particles_pass(stack):
     plausibility = selfcheck.rough_plausibility(stack["images"], stack["confident"], stack["diameter"])
-    agreement = selfcheck.confident_recall(stack["truth"], stack["confident"])
+    agreement = selfcheck.confident_recall(_particles(stack["truth"]), stack["confident"])
     check = selfcheck.verdict(plausibility, agreement)
     assert plausibility["ok"], plausibility["reasons"]
     assert agreement["confident"] > 10 and agreement["recall"] > 0.9
@@ -38,7 +41,9 @@ def test_masks_that_find_the_rough_particles_pass(stack):
 def test_masks_that_miss_the_rough_particles_warn(stack):
     plausibility = selfcheck.rough_plausibility(stack["images"], stack["confident"], stack["diameter"])
     for worse in ([_keep_a_third(m) for m in stack["truth"]], [np.zeros_like(m) for m in stack["truth"]]):
-        check = selfcheck.verdict(plausibility, selfcheck.confident_recall(worse, stack["confident"]))
+        check = selfcheck.verdict(
+            plausibility, selfcheck.confident_recall(_particles(worse), stack["confident"])
+        )
         assert check["verdict"] == "check"
         assert "miss" in check["warning"] and "tgan segment --rough" in check["warning"]
         assert "\n" not in check["warning"]
@@ -50,8 +55,8 @@ def test_masks_mostly_of_false_particles_warn(stack):
     contrast, radii = rough.stack_radii(stack["images"])
     candidates = [rough.segment(im, radii, contrast) for im in stack["images"]]
     plausibility = selfcheck.rough_plausibility(stack["images"], stack["confident"], stack["diameter"])
-    agreement = selfcheck.confident_recall(stack["truth"], stack["confident"])
-    support = selfcheck.supported_share(stack["truth"], candidates)
+    agreement = selfcheck.confident_recall(_particles(stack["truth"]), stack["confident"])
+    support = selfcheck.supported_share(_particles(stack["truth"]), candidates)
     assert support["share"] > 0.9
     assert selfcheck.verdict(plausibility, agreement, support=support)["verdict"] == "ok"
     yy, xx = np.mgrid[:192, :192]
@@ -64,7 +69,7 @@ def test_masks_mostly_of_false_particles_warn(stack):
                 if not (ndi_dilate(truth | cand) & disc).any():
                     extra |= disc
         flooded.append(truth | extra)
-    support = selfcheck.supported_share(flooded, candidates)
+    support = selfcheck.supported_share(_particles(flooded), candidates)
     assert support["share"] < 0.5
     check = selfcheck.verdict(plausibility, agreement, support=support)
     assert check["verdict"] == "check" and "no classical candidate" in check["warning"]
@@ -81,7 +86,7 @@ def test_swollen_or_merged_particles_count_as_missed(stack):
     from scipy import ndimage as ndi
 
     swollen = [ndi.binary_dilation(m, iterations=6) for m in stack["truth"]]
-    agreement = selfcheck.confident_recall(swollen, stack["confident"])
+    agreement = selfcheck.confident_recall(_particles(swollen), stack["confident"])
     assert agreement["recall"] < 0.5
     plausibility = selfcheck.rough_plausibility(stack["images"], stack["confident"], stack["diameter"])
     assert selfcheck.verdict(plausibility, agreement)["verdict"] == "check"

@@ -115,13 +115,21 @@ def rough_plausibility(
     return out | {"ok": not reasons, "reasons": reasons}
 
 
+def label_free_particles(masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Label-free masks split into particles as the particle table splits them (``split_touching``): the
+    instance labels both agreement signals take, split once."""
+    from tgan_ray.analysis.particles import split_touching
+
+    return [split_touching(np.asarray(m) > 0) for m in masks]
+
+
 def confident_recall(label_free: Sequence[np.ndarray], confident: Sequence[np.ndarray]) -> dict:
     """Share of the rough segmenter's confident particles that one label-free particle matches at IoU >= 0.3.
 
-    Label-free masks are split into particles as the particle table splits them (``split_touching``); the
-    confident masks are already cut apart.
+    Args:
+        label_free: instance labels of the label-free particles (:func:`label_free_particles`).
+        confident: the confident masks, already cut apart.
     """
-    from tgan_ray.analysis.particles import split_touching
     from tgan_ray.metrics.segmentation import instance_iou_matrix, match_by_iou
 
     found = total = 0
@@ -131,7 +139,7 @@ def confident_recall(label_free: Sequence[np.ndarray], confident: Sequence[np.nd
         n = int(labels.max())
         hit = 0
         if n and lf.any():
-            iou = instance_iou_matrix(labels, split_touching(lf > 0))
+            iou = instance_iou_matrix(labels, lf)
             hit = int(match_by_iou(iou, MATCH_IOU)[0].size)
         found, total = found + hit, total + n
         per_image.append(hit / n if n else None)
@@ -144,13 +152,10 @@ def confident_recall(label_free: Sequence[np.ndarray], confident: Sequence[np.nd
 
 
 def supported_share(label_free: Sequence[np.ndarray], candidates: Sequence[np.ndarray]) -> dict:
-    """Share of the label-free particles (split as the particle table splits them) that overlap a candidate blob
-    of the classical segmenter at its loosest setting."""
-    from tgan_ray.analysis.particles import split_touching
-
+    """Share of the label-free particles (instance labels, :func:`label_free_particles`) that overlap a candidate
+    blob of the classical segmenter at its loosest setting."""
     supported = total = 0
-    for lf, cand in zip(label_free, candidates, strict=True):
-        labels = split_touching(lf > 0)
+    for labels, cand in zip(label_free, candidates, strict=True):
         total += int(labels.max())
         supported += int(np.unique(labels[(labels > 0) & (np.asarray(cand) > 0)]).size)
     return {"particles": total, "supported": supported, "share": supported / total if total else None}

@@ -90,8 +90,9 @@ class SegmentSteps:
                 radius, sure = strict.pick_radius(work, radii, settings["contrast"])
                 confident.append(cut_touching(sure))
                 candidates.append(loose.segment(work, radius, settings["contrast"]))
-            agreement = selfcheck.confident_recall(label_free, confident)
-            support = selfcheck.supported_share(label_free, candidates)
+            particles = selfcheck.label_free_particles(label_free)
+            agreement = selfcheck.confident_recall(particles, confident)
+            support = selfcheck.supported_share(particles, candidates)
         virtual = self.manifest.outputs(f"round{self.cfg.run.rounds}/virtual")
         realism = {
             "source": virtual.get("source"),
