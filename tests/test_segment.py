@@ -304,6 +304,7 @@ def test_actor_segments_a_batch_in_pixel_bounded_groups(segmenter_path, stack_di
     # In-process (no Ray): a batch is segmented in groups of at most BATCH_PIXELS; a bad frame between good ones
     # becomes its own error row, and the grouping does not change any frame's particles.
     import tgan_ray.segment as segment
+    import tgan_ray.segment_actor as segment_actor
 
     cfg = _cfg()
     files = sorted(stack_dir.iterdir())[:3]
@@ -313,8 +314,8 @@ def test_actor_segments_a_batch_in_pixel_bounded_groups(segmenter_path, stack_di
     }
 
     def rows(masks_dir, batch_pixels):
-        monkeypatch.setattr(segment, "BATCH_PIXELS", batch_pixels)
-        actor = segment.SegmentActor(
+        monkeypatch.setattr(segment_actor, "BATCH_PIXELS", batch_pixels)
+        actor = segment_actor.SegmentActor(
             [segmenter_path.read_bytes()],
             segment._model_data_cfg(segmenter_path.read_bytes(), str(segmenter_path), cfg),
             cfg.segmenter,
