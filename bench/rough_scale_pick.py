@@ -19,14 +19,8 @@ from real_quality import SHARED, Stack, score_stack, stem_catalyst_stacks, tem_s
 from tgan_ray.config import load_config
 from tgan_ray.io import read_image
 from tgan_ray.masks import ClassicalSegmenter
-from tgan_ray.masks.rough import cut_touching
+from tgan_ray.masks.rough import cut_touching, sized_count
 from tgan_ray.segment import ROUGH_SAMPLE_FRAMES
-
-
-def sized_count(labels: np.ndarray, r: float) -> int:
-    area = np.bincount(labels.ravel())[1:]
-    size = np.sqrt(area[area > 0] / np.pi)
-    return int(np.sum((size > 0.5 * r) & (size < 2 * r)))
 
 
 def one_frame(stack: Stack, stem: str, mask: np.ndarray) -> float:

@@ -73,6 +73,13 @@ def _as_frame(image: np.ndarray) -> np.ndarray:
 EDGE_FRACTION = {"bright": 0.3, "dark": 0.5}
 
 
+def sized_count(labels: np.ndarray, radius: float) -> int:
+    """Particles of ``labels`` whose equivalent radius is within 2x of ``radius`` either way."""
+    area = np.bincount(labels.ravel())[1:]
+    size = np.sqrt(area[area > 0] / np.pi)
+    return int(np.sum((size > 0.5 * radius) & (size < 2 * radius)))
+
+
 def cut_touching(labels: np.ndarray) -> np.ndarray:
     """Boolean mask with a 1-px gap wherever two labels touch, so a saved 0/1 mask keeps them apart."""
     return (labels > 0) & ~(ndi.maximum_filter(labels, size=3) > labels)
@@ -231,9 +238,7 @@ class ClassicalSegmenter:
         found = []  # (count, radius, labels)
         for r in radii:
             labels = self.label(image, r, contrast)
-            area = np.bincount(labels.ravel())[1:]
-            size = np.sqrt(area[area > 0] / np.pi)
-            found.append((int(np.sum((size > 0.5 * r) & (size < 2 * r))), float(r), labels))
+            found.append((sized_count(labels, r), float(r), labels))
         trusted = [f for f in found if f[1] * SMALLER_THAN_SCAN >= own and f[0] >= MIN_MEASURED_PARTICLES]
         # max keeps the first of equal counts, in the order the radii were given
         _, radius, labels = max(trusted or found, key=lambda f: f[0])
