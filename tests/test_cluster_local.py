@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -62,14 +63,28 @@ class LocalCluster:
 
 
 def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
+    """n free ports below the kernel's ephemeral range and above Ray's worker ports (10002-19999).
+
+    A port the kernel hands out for port 0 is in the ephemeral range, which every outgoing connection and every Ray
+    worker of a test running beside this one also draws from: between picking and `ray start` one of them took the
+    GCS port once in CI. Ports from 20000 up to the ephemeral range are only ever bound on purpose.
+    """
     try:
-        for s in sockets:  # all bound at once, so the n ports differ
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default; macOS starts at 49152
+    candidates = random.Random().sample(range(20000, max(ephemeral_low, 20000 + 4 * n)), 4 * n)
+    ports = []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"found only {len(ports)} of {n} free ports in 20000-{ephemeral_low}")
 
 
 def _read_env_sh(path: Path) -> dict[str, str]:
