@@ -103,7 +103,7 @@ def plain_loop_training_tiles(seg, model_path: Path, frames: list[Path]) -> floa
                 logits = model(torch.from_numpy(tiles[i : i + batch, None]))
                 probs.append(torch.softmax(logits, dim=1)[:, 1].numpy())
         probability = to_original(untile(np.concatenate(probs), tilemap), image.shape)
-        _post(seg.to_mask(probability), path.stem)
+        _post(seg.to_mask(probability, image=image), path.stem)
     return time.perf_counter() - start
 
 

@@ -46,6 +46,35 @@ def test_segmenter_applies_the_prior_minimum_at_each_frame_scale(tmp_path):
     assert not mask[10:13, 10:13].any() and mask[30:35, 30:35].all()
 
 
+def test_particles_fainter_than_real_ones_are_not_reported(tmp_path):
+    """A bright particle stays; a grain of support the network also marked, at a fifth of the real particles'
+    contrast, goes (the bar: min_drawn_contrast x the contrast the pipeline wrote into the checkpoint). With no
+    reference in the checkpoint, or the bar at 0, every marked object is reported."""
+    torch.manual_seed(0)
+    data = DataConfig(image_size=64, resize_mode="tile", scale=0.5, target_particle_px=None)
+    net = create_segmenter("unet", "resnet18", None, decoder_channels=[16, 8, 8, 8, 8])
+    meta = {"data": data.model_dump(mode="json")}
+    with_ref = save_segmenter(net, tmp_path / "with.pt", meta={**meta, "particle_contrast": 0.5})
+    without = save_segmenter(net, tmp_path / "without.pt", meta=meta)
+    image = np.full((64, 64), 0.3, np.float32)
+    image[10:18, 10:18] = 0.8  # contrast 0.5: as real particles
+    image[40:48, 40:48] = 0.4  # contrast 0.1: under 0.3 x 0.5
+    prob = np.zeros_like(image)
+    prob[10:18, 10:18] = prob[40:48, 40:48] = 0.9
+    mask = Segmenter(with_ref).to_mask(prob, image=image)
+    assert mask[10:18, 10:18].all() and not mask[40:48, 40:48].any()
+    assert Segmenter(with_ref).to_mask(prob).sum() == 128  # no image: nothing to measure
+    assert Segmenter(without).to_mask(prob, image=image).sum() == 128
+    off = Segmenter(with_ref, seg_cfg=SegmenterConfig(min_drawn_contrast=0))
+    assert off.to_mask(prob, image=image).sum() == 128
+    # BF-TEM: dark particles, a negative reference; the same faint grain, now darker than its support, goes.
+    dark = Segmenter(save_segmenter(net, tmp_path / "dark.pt", meta={**meta, "particle_contrast": -0.5}))
+    mask = dark.to_mask(prob, image=1 - image)
+    assert mask[10:18, 10:18].all() and not mask[40:48, 40:48].any()
+    # At the working scale (the self-check, later rounds' rough masks): the same test with the ring at RING_PX.
+    assert Segmenter(with_ref).drop_faint(prob > 0.5, image).sum() == 64
+
+
 def _tiny_segmenter(tmp_path, **meta_data) -> Path:
     torch.manual_seed(0)
     path = tmp_path / "npssegnet.pt"

@@ -216,9 +216,10 @@ class SegmenterConfig(_Section):
     min_drawn_contrast: float = Field(
         0.3,
         ge=0,
-        description="A virtual image in which a masked particle's contrast to its surrounding support is below "
-        "this x the real particles' median contrast left that particle out: the pair takes the other "
-        "generation's image when that one shows every particle. 0: no check.",
+        description="A particle shows when its contrast to its surrounding support is at least this x the real "
+        "particles' median contrast (step 2's masks). A virtual image that leaves a masked particle under it: the "
+        "pair takes the other generation's image. A particle the segmenter marks under it on a real frame: not "
+        "reported (support grains). 0: no check.",
     )
     ignore_unmasked: bool = Field(
         True,

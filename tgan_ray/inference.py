@@ -142,6 +142,9 @@ class Segmenter:
         self.max_tile = max(self.seg_cfg.inference_tile, self.data_cfg.image_size)
         # Smallest particle, px at the working scale: written by the pipeline from its morphology prior.
         self.min_particle_px = float(self.meta.get("min_particle_px") or 0.0)
+        # The real particles' signed median contrast to their support (step 2's masks), written by the pipeline;
+        # 0 (a checkpoint from elsewhere) keeps faint particles.
+        self.particle_contrast = float(self.meta.get("particle_contrast") or 0.0)
 
     def tile(self, work: np.ndarray) -> tuple[np.ndarray, TileMap]:
         """A frame at the working scale -> its inference tiles (N x S x S) and how to blend them back."""
@@ -226,20 +229,50 @@ class Segmenter:
 
     def segment_working(self, work: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         """Boolean mask of a frame at the working scale (the rough segmenter of later rounds)."""
-        return clean_mask(self.probability_working(work) > threshold, self.min_particle_px)
+        return self.drop_faint(
+            clean_mask(self.probability_working(work) > threshold, self.min_particle_px), work
+        )
 
     def segment(self, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         """Boolean particle mask of a normalised frame, at its original resolution."""
-        return self.to_mask(self.probability(image), threshold)
+        return self.to_mask(self.probability(image), threshold, image=image)
 
     def to_mask(
-        self, probability: np.ndarray, threshold: float = 0.5, scale: float | None = None
+        self,
+        probability: np.ndarray,
+        threshold: float = 0.5,
+        scale: float | None = None,
+        image: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Particle probability at a frame's original resolution -> its cleaned boolean mask."""
+        """Particle probability at a frame's original resolution -> its cleaned boolean mask.
+
+        ``image``: the normalised frame, to drop the particles fainter than real ones (:meth:`drop_faint`).
+        """
         from tgan_ray.data.working import working_scale
 
         scale = scale or working_scale(probability.shape, self.data_cfg)
-        return clean_mask(probability > threshold, self.min_particle_px / scale**2)
+        mask = clean_mask(probability > threshold, self.min_particle_px / scale**2)
+        return mask if image is None else self.drop_faint(mask, image, scale)
+
+    def drop_faint(self, mask: np.ndarray, image: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """The mask without the particles that stand out from their support less than a real particle must.
+
+        The bar is step 6's for a virtual image to show a particle (``segmenter.min_drawn_contrast`` x the real
+        particles' median contrast, ``masks/consistency.py``). A network trained on virtual images also marks
+        bright grains of a textured support: on real HAADF frames these have a quarter of a particle's contrast
+        to their ring of support, or less (docs/quality.md, "Faint particles").
+
+        Args:
+            mask: (H, W) bool; image: the normalised frame, same shape; scale: its working scale (the ring
+                of support is ``RING_PX`` wide at the working scale).
+        """
+        from tgan_ray.masks.consistency import RING_PX, undrawn_particles
+
+        ring_px = max(1, round(RING_PX / scale))
+        faint = undrawn_particles(
+            image, mask, self.particle_contrast, self.seg_cfg.min_drawn_contrast, ring_px
+        )
+        return mask & ~faint
 
 
 def clean_mask(mask: np.ndarray, min_area: float) -> np.ndarray:

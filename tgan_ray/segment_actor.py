@@ -147,7 +147,7 @@ class SegmentActor:
         scales = [self.frame_scales.get(it["row"]["image"]) for it in todo]
         probabilities = self.segmenter.probabilities([it["image"] for it in todo], scales)
         for it, probability, scale in zip(todo, probabilities, scales, strict=True):
-            it["mask"] = self.segmenter.to_mask(probability, scale=scale)
+            it["mask"] = self.segmenter.to_mask(probability, scale=scale, image=it["image"])
             it["row"]["uncertainty"] = uncertainty(probability)
 
     def _finish(self, item: dict[str, Any]) -> dict[str, Any]:

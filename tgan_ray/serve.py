@@ -161,10 +161,11 @@ class SegmentationService:
         d = self.segmenter.data_cfg
         norm = d.normalize(image.data)
         tiles, tilemap = self.segmenter.tiles_of(norm)
-        return image, tiles, tilemap
+        return image, norm, tiles, tilemap
 
-    def _to_mask(self, probs: np.ndarray, tilemap, shape: tuple[int, int]) -> np.ndarray:
-        return self.segmenter.to_mask(self.segmenter.blend(probs, tilemap, shape), MASK_THRESHOLD)
+    def _to_mask(self, probs: np.ndarray, tilemap, norm: np.ndarray) -> np.ndarray:
+        probability = self.segmenter.blend(probs, tilemap, norm.shape)
+        return self.segmenter.to_mask(probability, MASK_THRESHOLD, image=norm)
 
     def _analyse(self, mask: np.ndarray, name: str, pixel_size_nm: float | None) -> tuple[list, dict]:
         from tgan_ray.analysis import measure_particles, psd_summary
@@ -191,11 +192,11 @@ class SegmentationService:
             body = b"".join([chunk async for chunk in request.stream()])
         if not body:
             raise RequestError(400, "empty upload: send the image as the 'file' field or as the raw body")
-        image, tiles, tilemap = await asyncio.to_thread(self._prepare, body, name)
+        image, norm, tiles, tilemap = await asyncio.to_thread(self._prepare, body, name)
         t1 = time.perf_counter()
         probs, batch_size = await self._forward(tiles)
         t2 = time.perf_counter()
-        mask = await asyncio.to_thread(self._to_mask, probs, tilemap, image.shape)
+        mask = await asyncio.to_thread(self._to_mask, probs, tilemap, norm)
         if want_mask:
             headers = {"X-Model-Version": self.source.version, "X-Inference-Ms": f"{(t2 - t1) * 1e3:.1f}"}
             return Response(await asyncio.to_thread(mask_png, mask), media_type="image/png", headers=headers)

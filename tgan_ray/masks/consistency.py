@@ -87,9 +87,12 @@ def shows_all_particles(
 
 
 def undrawn_particles(
-    image: np.ndarray, mask: np.ndarray, reference: float, min_fraction: float = 0.3
+    image: np.ndarray, mask: np.ndarray, reference: float, min_fraction: float = 0.3, ring_px: int = RING_PX
 ) -> np.ndarray:
     """The particles of ``mask`` that ``image`` does not show (arguments as :func:`shows_all_particles`).
+
+    ``ring_px``: the support ring's width; ``RING_PX`` at the working scale, ``RING_PX / scale`` on a frame at its
+    own resolution.
 
     Returns:
         (H, W) bool, the pixels of the masked particles whose contrast falls short (none with the check disabled).
@@ -97,7 +100,7 @@ def undrawn_particles(
     mask = np.asarray(mask) > 0
     if reference == 0 or min_fraction <= 0:
         return np.zeros_like(mask)
-    contrast, labels = particle_contrast(image, mask)
+    contrast, labels = particle_contrast(image, mask, ring_px)
     short = np.flatnonzero(np.sign(reference) * contrast < min_fraction * abs(reference)) + 1
     return np.isin(labels, short)
 

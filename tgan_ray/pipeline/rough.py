@@ -99,6 +99,6 @@ class RoughStep:
 
         def segment(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             probability = seg.probability_working(work)
-            return clean_mask(probability > 0.5, seg.min_particle_px), probability > 0.2
+            return seg.drop_faint(clean_mask(probability > 0.5, seg.min_particle_px), work), probability > 0.2
 
         return segment

@@ -61,7 +61,7 @@ class SegmentSteps:
         """Step 2's particles, and the final NPsSegNet against the classical segmenter's confident particles on
         frames it never trained on (the test split), at the working scale."""
         from tgan_ray.analysis import selfcheck
-        from tgan_ray.inference import Segmenter, clean_mask
+        from tgan_ray.inference import Segmenter
         from tgan_ray.masks import ClassicalSegmenter
         from tgan_ray.masks.rough import cut_touching
 
@@ -86,7 +86,7 @@ class SegmentSteps:
             label_free, confident, candidates = [], [], []
             for stem in frames:
                 work = self.work_frame(stem)
-                label_free.append(clean_mask(model.probability_working(work) > 0.5, model.min_particle_px))
+                label_free.append(model.segment_working(work))
                 radius, sure = strict.pick_radius(work, radii, settings["contrast"])
                 confident.append(cut_touching(sure))
                 candidates.append(loose.segment(work, radius, settings["contrast"]))

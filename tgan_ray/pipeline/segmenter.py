@@ -58,6 +58,7 @@ class SegmenterStep:
                 "val_miou": float(result.metrics.get("val/miou", float("nan"))),
                 "source_run": self.folder.remote or str(self.run_dir.resolve()),
                 "min_particle_px": self._min_particle_px(prior),
+                "particle_contrast": self.real_particle_contrast(rnd),
             },
         )
         return {**result.to_dict(), "model": str(path), "noise_std": noise}
