@@ -75,6 +75,7 @@ def build_config(args, work: Path):
         overrides={
             "data.image_size": args.image_size,
             "data.resize_mode": "tile",
+            "segmenter.merge_rough": False,  # the network's path, as the plain loops it is compared with
             "pix2pix.generator_encoder": gan["generator_encoder"],
             "pix2pix.generator_decoder_channels": gan["generator_decoder_channels"],
             "segmenter.encoder": args.encoder,

@@ -154,7 +154,8 @@ def run(args) -> dict:
 
     from tgan_ray.config import load_config
 
-    overrides = {"data.resize_mode": "tile", "data.scale": args.scale}
+    # The network's path only: the plain loops it is compared with run no classical pass (segmenter.merge_rough).
+    overrides = {"data.resize_mode": "tile", "data.scale": args.scale, "segmenter.merge_rough": False}
     if args.smoke_test:
         overrides.update({"segmenter.encoder": "resnet18", "segmenter.decoder_channels": [16, 8, 8, 8, 8]})
     cfg = load_config(args.preset, overrides=overrides)

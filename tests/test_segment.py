@@ -149,7 +149,7 @@ def test_segment_local_stack_into_masks_dir_same_masks_as_in_process(
     from tgan_ray.inference import Segmenter
     from tgan_ray.io import normalize_intensity, read_image
 
-    cfg = _cfg()
+    cfg = _cfg(**{"segmenter.merge_rough": False})
     masks_dir = tmp_path / "masks"
     result = segment_stack(
         segmenter_path, stack_dir, tmp_path / "out", cfg, masks_dir=masks_dir, fallback_pixel_size_nm=0.25
@@ -174,6 +174,23 @@ def test_segment_local_stack_into_masks_dir_same_masks_as_in_process(
     assert summary["stack"]["unit"] in ("nm", None) and len(summary["per_image"]) == N_IMAGES
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
     _check_calibrated_tiffs(masks_dir, particles, 0.25)
+
+    # segmenter.merge_rough (the default): plus the rough segmenter's particles that touch none of the network's.
+    # A checkpoint whose real particles' contrast no frame reaches: step 8 drops every particle the network marks
+    # as too faint (Segmenter.drop_faint), so the masks are the rough segmenter's.
+    from tgan_ray.models import load_segmenter, save_segmenter
+    from tgan_ray.segment_actor import rough_segment_fn
+
+    net, meta = load_segmenter(str(segmenter_path))
+    unreachable = save_segmenter(net, tmp_path / "faint.pt", meta={**meta, "particle_contrast": 10.0})
+    segment_stack(unreachable, stack_dir, tmp_path / "merged", _cfg())
+    rough = rough_segment_fn(json.loads((tmp_path / "merged" / "segment.json").read_text())["merge_rough"])
+    for src in sorted(stack_dir.glob("*.png")):
+        image = normalize_intensity(read_image(str(src)).data, d.norm_low_percentile, d.norm_high_percentile)
+        merged = np.asarray(Image.open(tmp_path / "merged" / "masks" / f"{src.stem}.png")) > 127
+        expected = rough(image)
+        assert expected.any()
+        np.testing.assert_array_equal(merged, expected)
 
     # A frame taken at another magnification is segmented at the scale step 1 gave it; the others as before.
     odd = sorted(stack_dir.glob("*.png"))[0]

@@ -234,6 +234,13 @@ class SegmenterConfig(_Section):
         "particles, so the segmenter learns that some particles look like support. On in the cpu preset, whose "
         "real crops keep the loss supplied with particles where the generators draw few.",
     )
+    merge_rough: bool = Field(
+        True,
+        description="`tgan segment` with a model and step 8 also run the rough segmenter (as `tgan segment "
+        "--rough`) and add each particle it finds where NPsSegNet marks nothing: it is precision-first, and the "
+        'two miss different particles (docs/quality.md, "Merged with the rough particles"). Costs about one '
+        "classical pass per frame; Serve returns NPsSegNet's masks alone. False: NPsSegNet's masks alone.",
+    )
     min_particle_fraction: float = Field(
         0.5,
         ge=0,

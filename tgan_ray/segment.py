@@ -318,6 +318,11 @@ def segment_stack(
         rough_settings, model_bytes = None, read_model(model, storage, "segmenter checkpoint")
         data_cfg = _model_data_cfg(model_bytes, model, cfg)
         segmenter = {"model_sha256": hashlib.sha256(model_bytes).hexdigest()}
+        if cfg.segmenter.merge_rough and cfg.rough.method == "classical":
+            try:
+                rough_settings = segmenter["merge_rough"] = rough_stack_settings(uris, cfg)
+            except ScaleOutError:  # no frame readable: the actors report each one; nothing to merge
+                pass
     # Masks found in out are reused: they must come from this model at these settings.
     d, sg = data_cfg, cfg.segmenter
     settings = {

@@ -73,8 +73,9 @@ class SegmentActor:
         stems: source URI -> unique stem.
         done: stems whose mask already exists in ``masks_dir``.
         fallback_pixel_size_nm: pixel size of frames that neither the config nor the file calibrates.
-        rough: instead of a model, the classical segmenter: ``{"config": cfg.rough as a dict, "contrast",
-            "radii"}`` with the stack's contrast and candidate particle radii (:func:`rough_stack_settings`).
+        rough: the classical segmenter: ``{"config": cfg.rough as a dict, "contrast", "radii"}`` with the stack's
+            contrast and candidate particle radii (:func:`rough_stack_settings`). Instead of a model, or with one
+            (``segmenter.merge_rough``): its particles that touch none of the model's are added.
         frame_scales: stem -> working scale of frames taken at another magnification than the model's scale.
     """
 
@@ -98,9 +99,8 @@ class SegmentActor:
         use_actor_cpus()
         self.segmenter = None
         self.frame_scales = frame_scales or {}
-        if rough is not None:
-            self.rough = rough_segment_fn(rough)
-        else:
+        self.rough = None if rough is None else rough_segment_fn(rough)
+        if model_ref[0] is not None:
             from tgan_ray.inference import Segmenter
 
             path = local_copy(model_ref[0], ".pt")
@@ -138,6 +138,8 @@ class SegmentActor:
     def _segment(self, items: list[dict[str, Any]]) -> None:
         """Masks (and the network's uncertainty on them) of the frames read in this batch, in one go."""
         from tgan_ray.analysis.selfcheck import uncertainty
+        from tgan_ray.masks.consistency import unmasked_particles
+        from tgan_ray.masks.rough import MIN_FRAME_PX
 
         todo = [it for it in items if it["image"] is not None]
         if self.segmenter is None:
@@ -148,6 +150,10 @@ class SegmentActor:
         probabilities = self.segmenter.probabilities([it["image"] for it in todo], scales)
         for it, probability, scale in zip(todo, probabilities, scales, strict=True):
             it["mask"] = self.segmenter.to_mask(probability, scale=scale, image=it["image"])
+            # segmenter.merge_rough: the rough particles the network left out (a frame too small for the
+            # classical segmenter keeps the network's mask)
+            if self.rough is not None and min(it["image"].shape) >= MIN_FRAME_PX:
+                it["mask"] |= unmasked_particles(self.rough(it["image"]), it["mask"])
             it["row"]["uncertainty"] = uncertainty(probability)
 
     def _finish(self, item: dict[str, Any]) -> dict[str, Any]:
