@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from real_quality import SHARED, Stack, score_stack, stem_catalyst_stacks, tem_sintering_stack
+from real_quality import SCORE_COLUMNS, SHARED, score_cells, score_stack, shared_stack
 
 from tgan_ray.analysis import split_touching
 from tgan_ray.config import load_config
@@ -49,11 +49,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=SHARED, help="Folder holding the shared stacks.")
     args = p.parse_args()
 
-    stacks: dict[str, Stack] = {s.name: s for s in stem_catalyst_stacks(args.data / "stem-catalysts")}
-    stacks["tem-sintering"] = tem_sintering_stack(args.data / "tem-sintering")
-    if args.stack not in stacks:
-        raise SystemExit(f"unknown stack {args.stack!r}; choose one of: {', '.join(stacks)}")
-    stack = stacks[args.stack]
+    stack = shared_stack(args.stack, args.data)
     cfg = load_config("cpu", path=args.run / "config.yaml")
     reference = real_contrast(args.run, cfg.run.rounds)
     scale = {f["stem"]: f["scale"] for f in json.loads((args.run / "stack.json").read_text())["frames"]}
@@ -66,7 +62,7 @@ def main() -> None:
         for s in stack.truth
     }
     print(f"{stack.name}: real particles' median contrast {reference:.4f} ({args.run})")
-    print("| bar | F1 | precision | recall | found / reference | MIoU |\n|---|---|---|---|---|---|")
+    print(f"| bar | {SCORE_COLUMNS} |\n|---|---|---|---|---|---|")
     for bar in (float(b) for b in args.bars.split(",")):
         masks = {
             s: split_touching(
@@ -74,12 +70,7 @@ def main() -> None:
             )
             for s, (image, mask) in saved.items()
         }
-        r = score_stack(stack, masks, 0.3)
-        miou = "" if r["miou"] is None else f"{r['miou']:.3f}"
-        print(
-            f"| {bar:g} | {r['f1']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-            f"{r['found']} / {r['reference']} | {miou} |"
-        )
+        print(f"| {bar:g} | {score_cells(score_stack(stack, masks, 0.3))} |")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from real_quality import SHARED, Stack, score_stack, stem_catalyst_stacks, tem_sintering_stack
+from real_quality import SCORE_COLUMNS, SHARED, score_cells, score_stack, shared_stack
 
 from tgan_ray.analysis import split_touching
 from tgan_ray.io import read_mask_png
@@ -34,23 +34,15 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=SHARED, help="Folder holding the shared stacks.")
     args = p.parse_args()
 
-    stacks: dict[str, Stack] = {s.name: s for s in stem_catalyst_stacks(args.data / "stem-catalysts")}
-    stacks["tem-sintering"] = tem_sintering_stack(args.data / "tem-sintering")
-    if args.stack not in stacks:
-        raise SystemExit(f"unknown stack {args.stack!r}; choose one of: {', '.join(stacks)}")
-    stack = stacks[args.stack]
+    stack = shared_stack(args.stack, args.data)
     network = {s: read_mask_png(args.run / "masks" / f"{s}.png") > 0 for s in stack.truth}
     rough = {s: read_mask_png(args.rough / "masks" / f"{s}.png") > 0 for s in stack.truth}
     merged = {s: network[s] | unmasked_particles(rough[s], network[s]) for s in stack.truth}
     print(f"{stack.name} ({args.run})")
-    print("| masks | F1 | precision | recall | found / reference | MIoU |\n|---|---|---|---|---|---|")
+    print(f"| masks | {SCORE_COLUMNS} |\n|---|---|---|---|---|---|")
     for name, masks in (("rough", rough), ("NPsSegNet", network), ("merged", merged)):
         r = score_stack(stack, {s: split_touching(m) for s, m in masks.items()}, 0.3)
-        miou = "" if r["miou"] is None else f"{r['miou']:.3f}"
-        print(
-            f"| {name} | {r['f1']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-            f"{r['found']} / {r['reference']} | {miou} |"
-        )
+        print(f"| {name} | {score_cells(r)} |")
 
 
 if __name__ == "__main__":

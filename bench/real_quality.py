@@ -76,6 +76,26 @@ def tem_sintering_stack(root: Path) -> Stack:
     )
 
 
+def shared_stack(name: str, data: Path) -> Stack:
+    """One of the shared real stacks by name: a stem-catalysts group or tem-sintering (``data``: the shared data)."""
+    stacks = {s.name: s for s in stem_catalyst_stacks(data / "stem-catalysts")}
+    stacks["tem-sintering"] = tem_sintering_stack(data / "tem-sintering")
+    if name not in stacks:
+        raise SystemExit(f"unknown stack {name!r}; choose one of: {', '.join(stacks)}")
+    return stacks[name]
+
+
+# The score cells of the bench scripts that re-score saved masks (faint_filter, merged_masks).
+SCORE_COLUMNS = "F1 | precision | recall | found / reference | MIoU"
+
+
+def score_cells(r: dict) -> str:
+    miou = "" if r["miou"] is None else f"{r['miou']:.3f}"
+    return (
+        f"{r['f1']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['found']} / {r['reference']} | {miou}"
+    )
+
+
 def synthetic_stack(out: Path, n: int = 10, size: int = 256) -> Stack:
     from tgan_ray.data.synthetic import make_stack
 
