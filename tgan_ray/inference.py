@@ -228,10 +228,12 @@ class Segmenter:
         return untile(self.predict_tiles(tiles), tilemap)
 
     def segment_working(self, work: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-        """Boolean mask of a frame at the working scale (the rough segmenter of later rounds)."""
-        return self.drop_faint(
-            clean_mask(self.probability_working(work) > threshold, self.min_particle_px), work
-        )
+        """Boolean mask of a frame at the working scale (the self-check, the rough segmenter of later rounds)."""
+        return self.working_mask(self.probability_working(work), work, threshold)
+
+    def working_mask(self, probability: np.ndarray, work: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """Probability of a frame at the working scale -> its cleaned mask, faint particles dropped."""
+        return self.drop_faint(clean_mask(probability > threshold, self.min_particle_px), work)
 
     def segment(self, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         """Boolean particle mask of a normalised frame, at its original resolution."""

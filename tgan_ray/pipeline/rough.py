@@ -87,7 +87,7 @@ class RoughStep:
 
     def _model_rough(self, rnd: int):
         """``work -> (confident mask, candidate mask)`` of an NPsSegNet: p > 0.5, and p > 0.2."""
-        from tgan_ray.inference import Segmenter, clean_mask
+        from tgan_ray.inference import Segmenter
 
         if rnd == 1:
             from tgan_ray.model_uri import resolve_model_uri
@@ -99,6 +99,6 @@ class RoughStep:
 
         def segment(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             probability = seg.probability_working(work)
-            return seg.drop_faint(clean_mask(probability > 0.5, seg.min_particle_px), work), probability > 0.2
+            return seg.working_mask(probability, work), probability > 0.2
 
         return segment
