@@ -168,6 +168,7 @@ def test_segment_local_stack_into_masks_dir_same_masks_as_in_process(
     assert mixed  # not a trivial all-empty (or all-particle) comparison
     images = pd.read_parquet(tmp_path / "out" / "images.parquet")
     assert (images.pixel_size_nm == 0.25).all() and (images.unit == "nm").all()
+    assert (images["lead"] == "NPsSegNet").all()
     particles = pd.read_parquet(tmp_path / "out" / "particles.parquet")
     assert (particles.unit == "nm").all() and (particles.pixel_size_nm == 0.25).all()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -191,6 +192,8 @@ def test_segment_local_stack_into_masks_dir_same_masks_as_in_process(
         expected = rough(image)
         assert expected.any()
         np.testing.assert_array_equal(merged, expected)
+    led = pd.read_parquet(tmp_path / "merged" / "images.parquet")["lead"]
+    assert (led == "rough").all()  # the network found none of the rough particles on any frame
 
     # A frame taken at another magnification is segmented at the scale step 1 gave it; the others as before.
     odd = sorted(stack_dir.glob("*.png"))[0]

@@ -120,3 +120,30 @@ def test_uncertainty_is_the_unsure_share_of_marked_pixels():
     assert selfcheck.uncertainty(p) == 0.0
     p[5:7] = 0.5
     assert selfcheck.uncertainty(p) == pytest.approx(20 / 70)
+
+
+def _discs(shape, centres, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return np.any([(yy - y) ** 2 + (xx - x) ** 2 <= radius**2 for y, x in centres], axis=0)
+
+
+def test_merge_with_rough_lets_the_network_lead_unless_it_misses_most_rough_particles():
+    shape, rough_centres = (96, 96), [(16, 16), (16, 48), (48, 16), (48, 48)]
+    rough = _discs(shape, rough_centres, 5)
+    extra = _discs(shape, [(80, 80)], 5)  # a particle only the network finds
+
+    # The network finds 3 of the 4 rough particles, drawn larger: it leads, keeps its outlines, and gains the 4th.
+    network = _discs(shape, rough_centres[:3], 6) | extra
+    merged, lead = selfcheck.merge_with_rough(network, rough)
+    assert lead == selfcheck.LEAD_NETWORK
+    np.testing.assert_array_equal(merged, network | _discs(shape, rough_centres[3:], 5))
+
+    # It finds 1 of 4: the rough masks lead, and the network adds only what touches none of them.
+    network = _discs(shape, rough_centres[:1], 6) | extra
+    merged, lead = selfcheck.merge_with_rough(network, rough)
+    assert lead == selfcheck.LEAD_ROUGH
+    np.testing.assert_array_equal(merged, rough | extra)
+
+    # A frame without rough particles: nothing to check the network against, so it leads.
+    merged, lead = selfcheck.merge_with_rough(extra, np.zeros(shape, bool))
+    assert lead == selfcheck.LEAD_NETWORK and (merged == extra).all()

@@ -238,8 +238,10 @@ class SegmenterConfig(_Section):
         True,
         description="`tgan segment` with a model and step 8 also run the rough segmenter (as `tgan segment "
         "--rough`) and add each particle it finds where NPsSegNet marks nothing: it is precision-first, and the "
-        'two miss different particles (docs/quality.md, "Merged with the rough particles"). Costs about one '
-        "classical pass per frame; Serve returns NPsSegNet's masks alone. False: NPsSegNet's masks alone.",
+        "two miss different particles. On a frame where NPsSegNet misses most of the rough particles the roles "
+        "swap: the rough masks lead and NPsSegNet adds its particles that touch none of theirs (images.parquet's "
+        '`lead`; docs/quality.md, "Merged with the rough particles"). Costs about one classical pass per frame; '
+        "Serve returns NPsSegNet's masks alone. False: NPsSegNet's masks alone.",
     )
     min_particle_fraction: float = Field(
         0.5,

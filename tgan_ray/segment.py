@@ -51,7 +51,7 @@ from tgan_ray.segment_actor import STATUS_ERROR, STATUS_REUSED, STATUS_SEGMENTED
 
 IMAGE_COLUMNS = (
     "image", "source", "status", "reason", "mask", "pixel_size_nm", "unit", "height", "width",
-    "particle_count", "border_count", "uncertainty",
+    "particle_count", "border_count", "uncertainty", "lead",
 )  # fmt: skip
 
 

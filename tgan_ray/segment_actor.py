@@ -32,6 +32,7 @@ def error_row(stem: str, uri: str, reason: str) -> dict[str, Any]:
         "particle_count": 0,
         "border_count": 0,
         "uncertainty": np.nan,
+        "lead": "",
         "particles": b"",
         "summary": "",
     }
@@ -137,23 +138,24 @@ class SegmentActor:
 
     def _segment(self, items: list[dict[str, Any]]) -> None:
         """Masks (and the network's uncertainty on them) of the frames read in this batch, in one go."""
-        from tgan_ray.analysis.selfcheck import uncertainty
-        from tgan_ray.masks.consistency import unmasked_particles
+        from tgan_ray.analysis.selfcheck import LEAD_NETWORK, LEAD_ROUGH, merge_with_rough, uncertainty
         from tgan_ray.masks.rough import MIN_FRAME_PX
 
         todo = [it for it in items if it["image"] is not None]
         if self.segmenter is None:
             for it in todo:
                 it["mask"], it["row"]["uncertainty"] = self.rough(it["image"]), np.nan
+                it["row"]["lead"] = LEAD_ROUGH
             return
         scales = [self.frame_scales.get(it["row"]["image"]) for it in todo]
         probabilities = self.segmenter.probabilities([it["image"] for it in todo], scales)
         for it, probability, scale in zip(todo, probabilities, scales, strict=True):
             it["mask"] = self.segmenter.to_mask(probability, scale=scale, image=it["image"])
-            # segmenter.merge_rough: the rough particles the network left out (a frame too small for the
-            # classical segmenter keeps the network's mask)
+            it["row"]["lead"] = LEAD_NETWORK
+            # segmenter.merge_rough: with the rough segmenter's masks, the network leading unless it misses most of
+            # the rough particles (a frame too small for the classical segmenter keeps the network's mask)
             if self.rough is not None and min(it["image"].shape) >= MIN_FRAME_PX:
-                it["mask"] |= unmasked_particles(self.rough(it["image"]), it["mask"])
+                it["mask"], it["row"]["lead"] = merge_with_rough(it["mask"], self.rough(it["image"]))
             it["row"]["uncertainty"] = uncertainty(probability)
 
     def _finish(self, item: dict[str, Any]) -> dict[str, Any]:

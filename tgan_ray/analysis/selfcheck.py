@@ -161,6 +161,34 @@ def supported_share(label_free: Sequence[np.ndarray], candidates: Sequence[np.nd
     return {"particles": total, "supported": supported, "share": supported / total if total else None}
 
 
+LEAD_NETWORK, LEAD_ROUGH = "NPsSegNet", "rough"
+
+
+def merge_with_rough(network: np.ndarray, rough: np.ndarray) -> tuple[np.ndarray, str]:
+    """One frame's masks from both segmenters (``segmenter.merge_rough``): one leads and keeps its outlines, the
+    other adds its particles that touch none of the leader's.
+
+    NPsSegNet leads unless, on this frame, it misses most of the rough segmenter's particles: the self-check's
+    agreement signal (:func:`confident_recall`, :data:`MIN_CONFIDENT_RECALL`) taken per frame instead of per run.
+    The rough segmenter is precision-first, so where the network finds under half of its particles the network
+    is likely the worse of the two there (docs/quality.md, "Merged with the rough particles").
+
+    Args:
+        network: (H, W) bool, NPsSegNet's mask of the frame.
+        rough: (H, W) bool, the rough segmenter's mask of the same frame (particles already cut apart).
+
+    Returns:
+        The merged (H, W) bool mask, and which segmenter led (:data:`LEAD_NETWORK` or :data:`LEAD_ROUGH`).
+    """
+    from tgan_ray.masks.consistency import unmasked_particles
+
+    network, rough = np.asarray(network, bool), np.asarray(rough, bool)
+    recall = confident_recall(label_free_particles([network]), [rough])["recall"]
+    if recall is None or recall >= MIN_CONFIDENT_RECALL:
+        return network | unmasked_particles(rough, network), LEAD_NETWORK
+    return rough | unmasked_particles(network, rough), LEAD_ROUGH
+
+
 def uncertainty(probability: np.ndarray, low: float = 0.2, high: float = 0.8) -> float:
     """Share of the pixels a segmenter marks at all (p > low) that it is unsure of (low < p < high)."""
     marked = probability > low

@@ -124,9 +124,10 @@ def _self_check_tables(check: dict | None, images: pd.DataFrame) -> dict[str, pd
         tables["Self-check"] = pd.DataFrame(rows, columns=["signal", "value"]).astype({"value": str})
     if "uncertainty" in images and images["uncertainty"].notna().any():
         order = images["uncertainty"].sort_values(ascending=False)
-        tables["Frames to check by eye first (share of marked pixels the segmenter is unsure of)"] = (
-            pd.DataFrame({"image": order.index, "uncertainty": order.to_numpy()})
-        )
+        frames = pd.DataFrame({"image": order.index, "uncertainty": order.to_numpy()})
+        if "lead" in images:  # segmenter.merge_rough: whose outlines each frame's mask keeps
+            frames["masks led by"] = images["lead"].reindex(order.index).to_numpy()
+        tables["Frames to check by eye first (share of marked pixels the segmenter is unsure of)"] = frames
     return tables
 
 

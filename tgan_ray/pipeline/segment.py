@@ -54,6 +54,12 @@ class SegmentSteps:
             f"   {len(stack['frames'])} images: {result.segmented} segmented, {result.reused} masks kept from "
             f"before; {result.particles} particles ({result.seconds:.1f}s)"
         )
+        rough_led = sorted(table.index[table["lead"] == "rough"])
+        if rough_led:  # segmenter.merge_rough: frames where NPsSegNet missed most of the rough particles
+            self.log(
+                f"   the rough segmenter's masks lead on {len(rough_led)} frame(s), where NPsSegNet missed most of "
+                f"its particles: {', '.join(rough_led[:5])}{' ...' if len(rough_led) > 5 else ''}"
+            )
         return outputs
 
     # -- the self-check: can the label-free masks be trusted? (analysis/selfcheck.py) -------------------------
