@@ -4,8 +4,10 @@
 
 ``--run`` is a finished run folder; ``--rough`` the ``tgan segment --rough`` output beside it (``bench/
 real_quality.py`` writes both). A run made before ``merge_rough`` holds NPsSegNet's masks alone: the table shows
-them, the rough masks, and what merging adds (each rough particle that touches no NPsSegNet particle), scored as
-``bench/real_quality.py`` scores.
+them, the rough masks, what merging adds with NPsSegNet always leading (each rough particle that touches no
+NPsSegNet particle), and the merge as step 8 makes it now (:func:`~tgan_ray.analysis.selfcheck.merge_with_rough`:
+per frame, the rough masks lead where NPsSegNet misses most of their particles), scored as
+``bench/real_quality.py`` scores. The frames the rough masks lead are listed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from real_quality import SCORE_COLUMNS, SHARED, score_cells, score_stack, shared_stack
 
 from tgan_ray.analysis import split_touching
+from tgan_ray.analysis.selfcheck import LEAD_ROUGH, merge_with_rough
 from tgan_ray.io import read_mask_png
 from tgan_ray.masks.consistency import unmasked_particles
 
@@ -37,10 +40,21 @@ def main() -> None:
     stack = shared_stack(args.stack, args.data)
     network = {s: read_mask_png(args.run / "masks" / f"{s}.png") > 0 for s in stack.truth}
     rough = {s: read_mask_png(args.rough / "masks" / f"{s}.png") > 0 for s in stack.truth}
-    merged = {s: network[s] | unmasked_particles(rough[s], network[s]) for s in stack.truth}
-    print(f"{stack.name} ({args.run})")
+    network_leads = {s: network[s] | unmasked_particles(rough[s], network[s]) for s in stack.truth}
+    both = {s: merge_with_rough(network[s], rough[s]) for s in stack.truth}
+    merged = {s: mask for s, (mask, _) in both.items()}
+    rough_led = [s for s, (_, lead) in both.items() if lead == LEAD_ROUGH]
+    print(
+        f"{stack.name} ({args.run}): the rough masks lead on {len(rough_led)} of {len(both)} frames {rough_led}"
+    )
     print(f"| masks | {SCORE_COLUMNS} |\n|---|---|---|---|---|---|")
-    for name, masks in (("rough", rough), ("NPsSegNet", network), ("merged", merged)):
+    rows = (
+        ("rough", rough),
+        ("NPsSegNet", network),
+        ("merged, NPsSegNet leads", network_leads),
+        ("merged", merged),
+    )
+    for name, masks in rows:
         r = score_stack(stack, {s: split_touching(m) for s, m in masks.items()}, 0.3)
         print(f"| {name} | {score_cells(r)} |")
 
