@@ -386,6 +386,9 @@ def test_every_artefact_is_written(finished_run):
     assert check["step2"]["particles_per_frame"] > 0 and check["realism"]["source"] in ("gen1", "gen2")
     assert table["image_uncertainty"].between(0, 1).all()
     assert segmented["uncertainty"].between(0, 1).all()
+    # segmenter.merge_rough: each frame names whose outlines lead, and the summary the frames the rough masks led
+    assert set(segmented["lead"]) <= {"NPsSegNet", "rough"}
+    assert summary["frames_led_by_rough"] == sorted(segmented.index[segmented["lead"] == "rough"])
     assert len(table) == len(pd.read_parquet(out / "segment" / "particles.parquet"))
     pd.testing.assert_frame_equal(pd.read_parquet(out / "particles.parquet"), table, check_dtype=False)
     for src in sources:  # Fiji / napari copies of the masks, calibrated from pixel_size.json

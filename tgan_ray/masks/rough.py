@@ -349,7 +349,11 @@ def _background(image: np.ndarray, radius: float) -> np.ndarray:
 
 
 def _split(binary: np.ndarray, r: float, min_area: float) -> np.ndarray:
-    """Fill holes, drop specks, and split touching particles by a watershed on the distance map."""
+    """Fill holes, drop specks, and split touching particles by a watershed on the distance map.
+
+    Not :func:`tgan_ray.analysis.split_touching`, which has to guess the particle size from the mask itself: here
+    the candidate radius ``r`` is known, so the seeds' spacing and the speck size follow it.
+    """
     binary = ndi.binary_fill_holes(binary)
     blobs, _ = ndi.label(binary)
     small = np.bincount(blobs.ravel()) < max(min_area, np.pi * (0.35 * r) ** 2, 2)

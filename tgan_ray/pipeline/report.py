@@ -46,6 +46,8 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
     check = pipe.manifest.outputs("selfcheck") if pipe.manifest.done("selfcheck") else None
     if check:
         summary["self_check"] = check
+    if "lead" in images:  # merge_rough: the frames where NPsSegNet missed most of the rough particles
+        summary["frames_led_by_rough"] = sorted(images.index[images["lead"] == "rough"])
     write_summary(summary, run_dir / "summary.json")
 
     figures = {
