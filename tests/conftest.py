@@ -9,10 +9,12 @@ import pytest
 
 # Quiet, offline, local: set before Ray or MLflow are imported anywhere.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The session's Ray instance starts with the settings a user's run has (tgan_ray.runtime): its workers inherit them.
+from tgan_ray.runtime import set_env_defaults  # noqa: E402
+
+set_env_defaults()
 # Fake S3 credentials before the session's Ray starts: Ray workers inherit the starting process's environment,
 # so workers reading from the tests' local S3 endpoint see the same keys as the driver.
 _TEST_CREDENTIALS = {

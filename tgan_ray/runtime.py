@@ -46,14 +46,20 @@ def worker_cpus(cfg: RayConfig, reserved: float = 0.0) -> float:
     return max(0.25, (total - reserved) / cfg.num_workers)
 
 
+def set_env_defaults() -> None:
+    """Our Ray settings (``_ENV_DEFAULTS``) where the environment sets none: before a local instance starts, because
+    its workers inherit this process's environment then."""
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def init_ray(cfg: RayConfig | None = None, num_cpus: int | None = None, log_to_driver: bool = True):
     """Start (or join) Ray once per process.
 
     ``cfg.address`` None starts a local instance; otherwise it joins that cluster ("auto" inside a Ray job).
     ``log_to_driver=False``: workers' and actors' output stays in Ray's session logs (``tgan run`` without -v).
     """
-    for key, value in _ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    set_env_defaults()
     import ray
 
     if ray.is_initialized():
