@@ -47,7 +47,9 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
     if check:
         summary["self_check"] = check
     if "lead" in images:  # merge_rough: the frames where NPsSegNet missed most of the rough particles
-        summary["frames_led_by_rough"] = sorted(images.index[images["lead"] == "rough"])
+        from tgan_ray.analysis.selfcheck import LEAD_ROUGH
+
+        summary["frames_led_by_rough"] = sorted(images.index[images["lead"] == LEAD_ROUGH])
     write_summary(summary, run_dir / "summary.json")
 
     figures = {

@@ -54,7 +54,9 @@ class SegmentSteps:
             f"   {len(stack['frames'])} images: {result.segmented} segmented, {result.reused} masks kept from "
             f"before; {result.particles} particles ({result.seconds:.1f}s)"
         )
-        rough_led = sorted(table.index[table["lead"] == "rough"])
+        from tgan_ray.analysis.selfcheck import LEAD_ROUGH
+
+        rough_led = sorted(table.index[table["lead"] == LEAD_ROUGH])
         if rough_led:  # segmenter.merge_rough: frames where NPsSegNet missed most of the rough particles
             self.log(
                 f"   the rough segmenter's masks lead on {len(rough_led)} frame(s), where NPsSegNet missed most of "
