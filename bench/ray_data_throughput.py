@@ -131,7 +131,8 @@ def bench_generation(cfg, paths, args, work: Path) -> list[tuple[str, str, int, 
     from tgan_ray.generate import generate_dataset
     from tgan_ray.inference import load_generator, run_generator
     from tgan_ray.io import write_mask_png, write_png
-    from tgan_ray.masks.prior import MorphologyPrior, sample_mask_at
+    from tgan_ray.masks.prior import MorphologyPrior
+    from tgan_ray.masks.sampling import sample_mask_at
 
     n, size, seed, bs = args.n_generate, cfg.data.image_size, cfg.data.seed, cfg.scale_out.batch_size
     prior = MorphologyPrior.load(paths["prior"])

@@ -19,7 +19,8 @@ from real_quality import SHARED, Stack, score_stack, stem_catalyst_stacks, tem_s
 from tgan_ray.config import load_config
 from tgan_ray.io import read_image
 from tgan_ray.masks import ClassicalSegmenter
-from tgan_ray.masks.rough import cut_touching, sized_count
+from tgan_ray.masks.classical import sized_count
+from tgan_ray.masks.particle_labels import cut_touching
 from tgan_ray.segment import ROUGH_SAMPLE_FRAMES
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tgan_ray.ablation import held_out_crops, plan_subsets, run_ablation
+from tgan_ray.ablation import plan_subsets, run_ablation
+from tgan_ray.ablation_scores import held_out_crops
 from tgan_ray.config import load_config
 from tgan_ray.data.synthetic import make_stack
 

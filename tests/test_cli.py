@@ -9,7 +9,8 @@ import typer
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from tgan_ray.cli import app, serve_config
+from tgan_ray.cli import app
+from tgan_ray.cli_common import serve_config
 from tgan_ray.serve import deployment_options
 
 

@@ -10,15 +10,17 @@ from scipy.ndimage import gaussian_filter
 
 from tgan_ray.data.synthetic import SynthConfig, make_image
 from tgan_ray.metrics.gan import (
-    INCEPTION_WEIGHTS_FILE,
     GANMetricWarning,
-    MissingWeightsError,
-    build_feature_extractor,
-    extractor_label,
     fid_from_features,
     image_quality,
     kid_from_features,
     paired_quality,
+)
+from tgan_ray.metrics.gan_extractors import (
+    INCEPTION_WEIGHTS_FILE,
+    MissingWeightsError,
+    build_feature_extractor,
+    extractor_label,
 )
 
 SIZE = 64

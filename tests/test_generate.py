@@ -16,7 +16,8 @@ from PIL import Image
 from tgan_ray.config import Pix2PixConfig, load_config
 from tgan_ray.generate import find_run_models, generate_dataset
 from tgan_ray.io import StorageError, s3_client
-from tgan_ray.masks.prior import MorphologyPrior, sample_capped_mask_at
+from tgan_ray.masks.prior import MorphologyPrior
+from tgan_ray.masks.sampling import sample_capped_mask_at
 from tgan_ray.scale_out import ScaleOutError
 
 SIZE, N = 64, 12

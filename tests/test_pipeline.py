@@ -21,8 +21,7 @@ from PIL import Image
 
 from tgan_ray.config import load_config
 from tgan_ray.data.synthetic import make_stack
-from tgan_ray.io import read_image
-from tgan_ray.io.storage import s3_client, split_s3
+from tgan_ray.io import read_image, s3_client, split_s3
 from tgan_ray.pipeline import Pipeline, PipelineError, check_inputs, load_pngs, run_pipeline
 
 TINY = {
@@ -319,7 +318,8 @@ def test_every_artefact_is_written(finished_run):
         masks = [np.asarray(Image.open(round1 / d / "masks" / name)) for d in ("virtual", "gen1")]
         assert np.array_equal(*masks)
     assert steps["round1/prior"]["outputs"]["masks"] == [f"{i:07d}.png" for i in range(24)]
-    from tgan_ray.masks.prior import MorphologyPrior, sample_capped_mask_at
+    from tgan_ray.masks.prior import MorphologyPrior
+    from tgan_ray.masks.sampling import sample_capped_mask_at
 
     prior, seed = MorphologyPrior.load(round1 / "prior.json"), steps["round1/prior"]["outputs"]["seed"]
     expected = sample_capped_mask_at(prior, 64, seed, 23, finished_run["cfg"].prior.max_empty_fraction)[0]

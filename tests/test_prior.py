@@ -167,7 +167,7 @@ def test_empty_rough_masks_raise_a_clear_error():
 
 
 def test_empty_mask_cap_is_per_index_and_bounds_the_empty_share():
-    from tgan_ray.masks.prior import sample_capped_mask_at
+    from tgan_ray.masks.sampling import sample_capped_mask_at
 
     # ~9 particles per 192 px frame: about 4 in 5 random 32 px masks draw no particle.
     sparse = MorphologyPrior.from_masks(rough_masks(n_masks=4, size=192, n=9))

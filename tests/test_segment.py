@@ -15,7 +15,8 @@ from PIL import Image
 from tgan_ray.config import DataConfig, load_config
 from tgan_ray.io import StorageError, StorageNotFoundError, s3_client
 from tgan_ray.scale_out import ScaleOutError
-from tgan_ray.segment import STATUS_ERROR, STATUS_REUSED, STATUS_SEGMENTED, segment_stack, unique_stems
+from tgan_ray.segment import segment_stack, unique_stems
+from tgan_ray.segment_actor import STATUS_ERROR, STATUS_REUSED, STATUS_SEGMENTED
 
 N_IMAGES, SIZE = 5, 96
 

@@ -19,7 +19,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tgan_ray.watch import PARTICLES_CSV, _is_candidate, retry_after_s, segment_url, watch_folder
+from tgan_ray.watch import _is_candidate, watch_folder
+from tgan_ray.watch_client import retry_after_s, segment_url
+from tgan_ray.watch_outputs import PARTICLES_CSV
 
 INTERVAL = 0.2
 

@@ -19,25 +19,23 @@ one, the tandem pix2pix + CycleGAN, then scores every variant against real image
 
 Outputs in ``out``: ``ablation.csv``, ``ablation.json`` and ``ablation.png`` (one panel per metric), next to the
 pipeline-style run folder (``manifest.json``, ``work/``, ``ray/``, ``mlflow.db``) that makes a re-run resume.
+The held-out crops, the scoring of one variant and the plot are in :mod:`tgan_ray.ablation_scores`.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tgan_ray.ablation_scores import ID_COLUMNS, held_out_set, plot_ablation, score_table, score_variant
 from tgan_ray.config import Config
 from tgan_ray.manifest import write_json
 
 DEFAULT_SUBSET_SIZES: tuple[int | None, ...] = (5, 10, 20, 40, None)
-# Column order of the table; the extractor's metric columns go after these.
-_ID_COLUMNS = ("variant", "generator", "train_images", "n_generated", "n_real")
 
 
 def plan_subsets(pool_size: int, sizes: Sequence[int | None], log=print) -> list[int]:
@@ -61,29 +59,6 @@ def plan_subsets(pool_size: int, sizes: Sequence[int | None], log=print) -> list
     if not planned:
         raise ValueError(f"no ablation subset size in {list(sizes)} fits the {pool_size} training images")
     return sorted(planned)
-
-
-def held_out_crops(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Square crops on a regular grid that lies inside the frame, with the matching mask crops.
-
-    Unlike :func:`tgan_ray.data.tiling.tile_image` no reflected padding enters a crop (unless the frame is smaller
-    than a crop): mirrored content would be scored as if it were real.
-
-    Shape:
-        image, mask: (H, W) -> (N, size, size) each.
-    """
-    pad = [(0, max(size - image.shape[0], 0)), (0, max(size - image.shape[1], 0))]
-    if any(p for _, p in pad):
-        image, mask = np.pad(image, pad, mode="reflect"), np.pad(mask, pad, mode="reflect")
-    rows, cols = (
-        np.linspace(0, n - size, max(1, math.ceil(n / size))).round().astype(int) for n in image.shape
-    )
-    crops = [
-        (image[r : r + size, c : c + size], mask[r : r + size, c : c + size]) for r in rows for c in cols
-    ]
-    return np.stack([c[0] for c in crops]).astype(np.float32), np.stack([c[1] for c in crops]).astype(
-        np.uint8
-    )
 
 
 class Ablation:
@@ -173,56 +148,31 @@ class Ablation:
         )
         return result.to_dict()
 
-    # -- scoring --------------------------------------------------------------------------------------------
-    def score(
-        self, variant: dict, random_masks: np.ndarray, real: np.ndarray, real_masks: np.ndarray
-    ) -> dict:
-        """Unpaired and paired scores of one variant (a chain of generator files)."""
-        import torch
-
-        from tgan_ray.inference import load_generator, pick_device, run_generator
-        from tgan_ray.metrics.gan import GANMetricWarning, image_quality, paired_quality
-
-        device = pick_device()
-        generators = [load_generator(path, device) for path in variant["generators"]]
-
-        def generate(inputs: np.ndarray) -> np.ndarray:
-            out = inputs.astype(np.float32)
-            for net in generators:  # pix2pix, then CycleGAN for the tandem
-                out = run_generator(net, out)
-            return out
-
-        def tensor(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None] * 2 - 1
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            scores = image_quality(
-                tensor(generate(random_masks)), tensor(real), self.extractor, self.extractor_name
-            )
-        for message in {str(w.message) for w in caught if issubclass(w.category, GANMetricWarning)}:
-            self.log(f"   warning: {message}")
-        scores |= paired_quality(tensor(generate(real_masks)), tensor(real))
-        return {
-            "variant": variant["variant"],
-            "generator": variant["generator"],
-            "train_images": variant["train_images"],
-            "n_generated": len(random_masks),
-            "n_real": len(real),
-            **scores,
-            "checkpoint": variant["checkpoint"],
-        }
-
+    # -- the run, step by step -------------------------------------------------------------------------------
     def run(self, subset_sizes: Sequence[int | None] = DEFAULT_SUBSET_SIZES):
-        import pandas as pd
+        """Train every variant, score it against the held-out images and write the table; each step resumes.
 
-        from tgan_ray.inference import pick_device
-        from tgan_ray.masks import check_masks
-        from tgan_ray.metrics.gan import build_feature_extractor, extractor_label
-        from tgan_ray.pipeline import load_pngs
+        Returns:
+            The table, as :func:`run_ablation` describes it.
+        """
+        _, pool, held_out = self.split()
+        sizes = self.plan(pool, held_out, subset_sizes)
+        rough = self.rough_masks(pool[: sizes[-1]] + held_out)
+        prior = self.smallest_prior(pool[: sizes[0]], rough)
+        variants = self.pix2pix_variants(pool, sizes, rough, prior)
+        variants.append(self.tandem_variant(pool, sizes[0], variants[0]))
+        table, label = self.score_variants(variants, held_out, prior)
+        self.write(table, label, pool, held_out)
+        self.pipe.tracker.end()
+        return table
 
-        step, pipe, d = self.pipe.run_step, self.pipe, self.cfg.data
-        stack, pool, held_out = self.split()
+    def plan(self, pool: list[str], held_out: list[str], subset_sizes: Sequence[int | None]) -> list[int]:
+        """The subset sizes (:func:`plan_subsets`); the smallest is recorded in the manifest.
+
+        Raises:
+            ValueError: the run folder ran the ablation with another smallest subset.
+        """
+        pipe = self.pipe
         sizes = plan_subsets(len(pool), subset_sizes, self.log)
         self.log(
             f"   ablation: pix2pix on {sizes} of {len(pool)} training images, tandem from {sizes[0]}; "
@@ -236,12 +186,23 @@ class Ablation:
                 f"now {sizes[0]}; use a new output folder"
             )
         pipe.manifest.set("ablation_smallest_subset", sizes[0])
-        rough = self.rough_masks(pool[: sizes[-1]] + held_out)
-        smallest = pool[: sizes[0]]
+        return sizes
+
+    def smallest_prior(self, smallest: list[str], rough: dict) -> dict:
+        """The morphology prior of the smallest subset's rough masks."""
+        from tgan_ray.masks import check_masks
+
+        pipe = self.pipe
         check_masks([self._mask(s) for s in smallest], smallest)  # an empty prior would fail obscurely later
         # The random masks follow the smallest subset's morphology, as in the method (step 4).
-        prior = step(f"ablation/prior-{sizes[0]}", pipe.step_prior, {"subset1": smallest}, rough, 1)
+        return pipe.run_step(
+            f"ablation/prior-{len(smallest)}", pipe.step_prior, {"subset1": smallest}, rough, 1
+        )
 
+    def pix2pix_variants(self, pool: list[str], sizes: list[int], rough: dict, prior: dict) -> list[dict]:
+        """pix2pix on the first ``n`` pool images for each size ``n``: one variant each, as
+        :func:`score_variant` takes it."""
+        step, d = self.pipe.run_step, self.cfg.data
         variants = []
         for n in sizes:
             # As many crops per training image as the smallest subset (the pipeline's pix2pix) gets.
@@ -256,34 +217,47 @@ class Ablation:
                     "checkpoint": p2p["checkpoint_path"],
                 }
             )
-        first = variants[0]
+        return variants
+
+    def tandem_variant(self, pool: list[str], smallest: int, first: dict) -> dict:
+        """The tandem: ``first`` (pix2pix on the smallest subset), then a CycleGAN from its 1st generation."""
+        step, pipe = self.pipe.run_step, self.pipe
         gen1 = step(
-            f"ablation/gen1-{sizes[0]}",
+            f"ablation/gen1-{smallest}",
             pipe.step_gen,
             "masks",
             "gen1",
             {"checkpoint_path": first["checkpoint"]},
             1,
         )
-        domain_b = pool[sizes[0] :] or pool  # subset 2; a stack with nothing else re-uses subset 1
+        domain_b = pool[smallest:] or pool  # subset 2; a stack with nothing else re-uses subset 1
         cyc = step(
-            f"ablation/cyclegan-{sizes[0]}",
+            f"ablation/cyclegan-{smallest}",
             self.train_cyclegan,
             domain_b,
             gen1,
-            f"ablation-cyclegan-{sizes[0]}",
+            f"ablation-cyclegan-{smallest}",
         )
-        variants.append(
-            {
-                "variant": f"pix2pix-{sizes[0]}+cyclegan",
-                "generator": "pix2pix+cyclegan",
-                "train_images": sizes[0],
-                "generators": [first["generators"][0], _model(cyc)],
-                "checkpoint": cyc["checkpoint_path"],
-            }
-        )
+        return {
+            "variant": f"pix2pix-{smallest}+cyclegan",
+            "generator": "pix2pix+cyclegan",
+            "train_images": smallest,
+            "generators": [first["generators"][0], _model(cyc)],
+            "checkpoint": cyc["checkpoint_path"],
+        }
 
-        real, real_masks = _held_out_set(pipe, held_out, self._mask, d.image_size)
+    def score_variants(self, variants: list[dict], held_out: list[str], prior: dict) -> tuple[Any, str]:
+        """Every variant's scores on the same held-out crops and random masks.
+
+        Returns:
+            The table (:func:`score_table`) and the feature extractor's label.
+        """
+        from tgan_ray.inference import pick_device
+        from tgan_ray.metrics.gan_extractors import build_feature_extractor, extractor_label
+        from tgan_ray.pipeline import load_pngs
+
+        step, pipe = self.pipe.run_step, self.pipe
+        real, real_masks = held_out_set(pipe, held_out, self._mask, self.cfg.data.image_size)
         n_gen = min(len(prior["masks"]), self.n_generated or max(self.cfg.pix2pix.eval_images, 2 * len(real)))
         if self.n_generated and n_gen < self.n_generated:
             self.log(
@@ -291,21 +265,16 @@ class Ablation:
             )
         random_masks = load_pngs(self.out / "round1" / "virtual" / "masks", prior["masks"][:n_gen], True)
         label = extractor_label(self.extractor_name)
-        self.extractor = None
+        extractor = None  # built only if a score is still to compute
         rows = []
         for variant in variants:
             key = f"ablation/score-{variant['variant']}-{label}-{n_gen}"
-            if not pipe.manifest.done(key) and self.extractor is None:
-                self.extractor = build_feature_extractor(self.extractor_name, self.extractor_weights)
-                self.extractor = self.extractor.to(pick_device())
-            rows.append(step(key, self.score, variant, random_masks, real, real_masks))
-        table = pd.DataFrame(rows)
-        table = table[
-            [*_ID_COLUMNS, *[c for c in table.columns if c not in (*_ID_COLUMNS, "checkpoint")], "checkpoint"]
-        ]
-        self.write(table, label, pool, held_out)
-        pipe.tracker.end()
-        return table
+            if not pipe.manifest.done(key) and extractor is None:
+                extractor = build_feature_extractor(self.extractor_name, self.extractor_weights)
+                extractor = extractor.to(pick_device())
+            args = (variant, random_masks, real, real_masks, extractor, self.extractor_name, self.log)
+            rows.append(step(key, score_variant, *args))
+        return score_table(rows), label
 
     def write(self, table, label: str, pool: list[str], held_out: list[str]) -> None:
         """ablation.csv / .json / .png (atomically), and the numbers into MLflow."""
@@ -332,7 +301,7 @@ class Ablation:
                 {
                     f"{variant}/{k}": v
                     for k, v in row.items()
-                    if k not in _ID_COLUMNS and isinstance(v, (int, float))
+                    if k not in ID_COLUMNS and isinstance(v, (int, float))
                 }
             )
         for name in ("ablation.csv", "ablation.json", "ablation.png"):
@@ -343,73 +312,6 @@ class Ablation:
 
 def _model(stage: dict) -> str:
     return str(Path(stage["checkpoint_path"]) / "model.pt")
-
-
-def _held_out_set(pipe, stems: list[str], mask_of, size: int) -> tuple[np.ndarray, np.ndarray]:
-    crops = [held_out_crops(pipe.work_frame(s), mask_of(s), size) for s in stems]
-    return np.concatenate([c[0] for c in crops]), np.concatenate([c[1] for c in crops])
-
-
-def plot_ablation(table, label: str, path: str | Path) -> Path:
-    """One panel per metric (FID, KID and IS with their std, SSIM, PSNR): pix2pix against its training-set size as
-    a line, the tandem pix2pix + CycleGAN as a star and a dashed level, so "does it beat pix2pix on N images" reads
-    off directly. Lines, not bars: IS sits near 1 and bars from zero would hide every difference.
-
-    Returns:
-        The written PNG.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [
-        (f"fid_{label}", None, "FID", "lower"),
-        (f"kid_{label}", f"kid_std_{label}", "KID", "lower"),
-        (f"is_{label}", f"is_std_{label}", "IS", "higher"),
-        ("ssim", None, "SSIM", "higher"),
-        ("psnr", None, "PSNR (dB)", "higher"),
-    ]
-    panels = [p for p in panels if p[0] in table.columns]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
-    single = table[table["generator"] == "pix2pix"]
-    tandem = table[table["generator"] == "pix2pix+cyclegan"]
-    for ax, (col, err, title, better) in zip(axes[0], panels, strict=True):
-        ax.errorbar(
-            single["train_images"],
-            single[col],
-            yerr=single[err] if err else None,
-            marker="o",
-            capsize=3,
-            color="tab:blue",
-            label="pix2pix",
-        )
-        for _, row in tandem.iterrows():
-            ax.errorbar(
-                [row["train_images"]],
-                [row[col]],
-                yerr=[row[err]] if err else None,
-                marker="*",
-                markersize=12,
-                capsize=3,
-                color="tab:orange",
-                label=row["variant"],
-            )
-            ax.axhline(row[col], color="tab:orange", linestyle="--", linewidth=1)
-        ax.set_xscale("log")
-        ax.set_xticks(list(single["train_images"]), [str(n) for n in single["train_images"]])
-        ax.minorticks_off()
-        ax.set_xlabel("training images", fontsize=8)
-        ax.set_title(f"{title} ({better} is better)", fontsize=9)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"pix2pix on growing subsets vs pix2pix + CycleGAN (features: {label})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def run_ablation(

@@ -3,6 +3,8 @@
 tgan demo                                   # synthetic HAADF stack -> masks + PSD report, quick preset
 tgan run --images stack/ --out runs/r1      # your own stack (folder, glob or s3://bucket/prefix)
 tgan synth --out synth/ --modality bf-tem   # a synthetic stack with exact ground-truth masks
+
+The options several commands share, and how a command fails or ends, are in ``cli_common.py``.
 """
 
 from __future__ import annotations
@@ -13,89 +15,26 @@ from typing import Annotated
 
 import typer
 
+from tgan_ray.cli_common import (
+    AsJson,
+    ConfigFile,
+    Preset,
+    Sets,
+    Verbose,
+    config_from_options,
+    fail,
+    finish,
+    parse_sets,
+    serve_config,
+    user_errors,
+)
+
 app = typer.Typer(
     help="Label-free segmentation of nanoparticles in electron micrographs (pix2pix + CycleGAN + UNet++ on Ray).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-Preset = Annotated[
-    str,
-    typer.Option(
-        "--preset",
-        help="Defaults: paper (the paper's hyperparameters) | cpu (a first run on a CPU) | quick (minutes) | "
-        "auto (paper on a GPU, else cpu).",
-    ),
-]
-ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML file overriding preset values.")]
-Sets = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override one field, e.g. --set segmenter.epochs=20 (repeatable)."),
-]
-AsJson = Annotated[
-    bool, typer.Option("--json", help="End with the result as JSON on stdout (progress goes to stderr).")
-]
-Verbose = Annotated[
-    bool,
-    typer.Option(
-        "--verbose", "-v", help="Show Ray's, Train's and MLflow's logs too (else in <out>/logs/tgan.log)."
-    ),
-]
-
-
-def _fail(message: str) -> None:
-    from tgan_ray.messages import without_addresses
-
-    typer.secho(f"error: {without_addresses(message)}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _finish(lines: list[str], payload: dict, as_json: bool) -> None:
-    """End a command: its result as JSON, or a short summary whose first line is green."""
-    from tgan_ray.cli_summary import to_json
-
-    if as_json:
-        typer.echo(to_json(payload))
-        return
-    typer.secho(lines[0], fg=typer.colors.GREEN)
-    for line in lines[1:]:
-        typer.echo(line)
-
-
-def _parse_sets(sets: list[str] | None) -> dict:
-    from tgan_ray.config import ConfigError, parse_overrides
-
-    try:
-        return parse_overrides(sets)
-    except ConfigError as exc:
-        _fail(str(exc))
-
-
-def _config(preset: str, config: Path | None, overrides: dict):
-    from tgan_ray.config import ConfigError, load_config
-
-    try:
-        return load_config(preset, config, overrides)
-    except ConfigError as exc:
-        _fail(str(exc))
-
-
-def _user_errors():
-    from tgan_ray.config import ConfigError
-    from tgan_ray.io import ImageReadError, StackError, StorageError
-    from tgan_ray.masks import NoParticlesError
-    from tgan_ray.pipeline import PipelineError
-
-    return (
-        ConfigError,
-        ImageReadError,
-        StackError,
-        StorageError,
-        NoParticlesError,
-        PipelineError,
-        FileNotFoundError,
-    )
 
 
 @app.command()
@@ -116,7 +55,7 @@ def synth(
     from tgan_ray.data.synthetic import make_stack
 
     if modality not in ("haadf", "bf-tem"):
-        _fail(f"--modality must be haadf or bf-tem, got {modality!r}")
+        fail(f"--modality must be haadf or bf-tem, got {modality!r}")
     path = make_stack(out, n=n, modality=modality, size=size, snr=snr, seed=seed, hard=hard)
     typer.echo(f"wrote {n} {modality} images and masks to {path}")
 
@@ -151,7 +90,7 @@ def run(
     verbose: Verbose = False,
 ) -> None:
     """Run steps 1-8 on an unlabelled stack: masks, particles.csv, summary.json and report.html."""
-    overrides = _parse_sets(set_)
+    overrides = parse_sets(set_)
     if particle_contrast:
         overrides["rough.particle_contrast"] = particle_contrast
     if pixel_size_nm:
@@ -165,7 +104,7 @@ def run(
     from tgan_ray.config import auto_preset
 
     chosen = auto_preset() if preset == "auto" else preset
-    cfg = _config(chosen, config, overrides)
+    cfg = config_from_options(chosen, config, overrides)
     preamble = None
     if preset == "auto":
         why = "a GPU is present" if chosen == "paper" else "no GPU found; on a GPU it would be paper"
@@ -194,12 +133,12 @@ def _run(images, out, cfg, seed_model=None, as_json=False, preamble=None, verbos
         result = run_pipeline(
             images, out, cfg, seed_model=seed_model, log=log, quiet=not verbose, progress=bars
         )
-    except _user_errors() as exc:
-        _fail(str(exc))
+    except user_errors() as exc:
+        fail(str(exc))
     finally:
         bars.close()
     lines = run_lines(result) + ([] if verbose else [f"log:       {log_file(out)} (Ray, Train, MLflow)"])
-    _finish(lines, run_dict(result), as_json)
+    finish(lines, run_dict(result), as_json)
 
 
 @app.command()
@@ -215,7 +154,7 @@ def demo(
     """Make a synthetic HAADF stack and run the whole pipeline on it (quick preset: minutes on a laptop CPU)."""
     from tgan_ray.data.synthetic import make_stack
 
-    cfg = _config(preset, None, _parse_sets(set_))
+    cfg = config_from_options(preset, None, parse_sets(set_))
     stack = out / "stack"
     if not (stack / "images").is_dir():
         make_stack(stack, n=n, modality="haadf", size=size, seed=cfg.data.seed)
@@ -244,7 +183,7 @@ def tune(
     from tgan_ray.config import ConfigError
     from tgan_ray.tune import load_space, run_campaign
 
-    cfg = _config(preset, config, _parse_sets(set_))
+    cfg = config_from_options(preset, config, parse_sets(set_))
     try:
         result = run_campaign(
             stage,
@@ -257,8 +196,8 @@ def tune(
             max_concurrent,
             log=lambda m: typer.echo(m),
         )
-    except (ConfigError, *_user_errors()) as exc:
-        _fail(str(exc))
+    except (ConfigError, *user_errors()) as exc:
+        fail(str(exc))
     typer.secho(f"best KID {result.best_score:.4g}: {result.best_overrides}", fg=typer.colors.GREEN)
     typer.echo(f"use it: tgan run --images {images} --out <run> --tuned {out}")
 
@@ -277,15 +216,15 @@ def ablate(
     """The paper's Figure 3 on your data: pix2pix on growing subsets vs pix2pix(5) + CycleGAN, by FID/KID/IS/SSIM/PSNR."""
     from tgan_ray.ablation import run_ablation
 
-    cfg = _config(preset, config, _parse_sets(set_))
+    cfg = config_from_options(preset, config, parse_sets(set_))
     try:
         parsed = tuple(None if s.strip() == "all" else int(s) for s in sizes.split(","))
     except ValueError:
-        _fail(f"--sizes must be whole numbers or 'all', got {sizes!r}")
+        fail(f"--sizes must be whole numbers or 'all', got {sizes!r}")
     try:
         table = run_ablation(images, out, cfg, parsed, log=lambda m: typer.echo(m))
-    except _user_errors() as exc:
-        _fail(str(exc))
+    except user_errors() as exc:
+        fail(str(exc))
     typer.echo(table.to_string(index=False))
     typer.echo(f"table and plot: {out}/ablation.csv, {out}/ablation.png")
 
@@ -306,12 +245,12 @@ def generate(
     from tgan_ray.cli_summary import generate_lines
     from tgan_ray.generate import generate_from_run
 
-    cfg = _config(preset, config, _parse_sets(set_))
+    cfg = config_from_options(preset, config, parse_sets(set_))
     try:
         result = generate_from_run(run_dir, n, out, cfg)
-    except (ValueError, *_user_errors()) as exc:
-        _fail(str(exc))
-    _finish(generate_lines(result), result.to_dict(), as_json)
+    except (ValueError, *user_errors()) as exc:
+        fail(str(exc))
+    finish(generate_lines(result), result.to_dict(), as_json)
 
 
 @app.command()
@@ -343,17 +282,17 @@ def segment(
     from tgan_ray.segment import segment_stack
 
     if rough == (model is not None):
-        _fail("give --model (a trained NPsSegNet) or --rough (the classical segmenter), one of the two")
-    overrides = _parse_sets(set_)
+        fail("give --model (a trained NPsSegNet) or --rough (the classical segmenter), one of the two")
+    overrides = parse_sets(set_)
     if particle_contrast:
         overrides["rough.particle_contrast"] = particle_contrast
-    cfg = _config(preset, config, overrides)
+    cfg = config_from_options(preset, config, overrides)
     try:
         resolved = None if rough else resolve_model_uri(model, cfg)
         result = segment_stack(resolved, images, out, cfg, rough=rough)
-    except (ValueError, *_user_errors()) as exc:
-        _fail(str(exc))
-    _finish(segment_lines(result), {**result.to_dict(), "summary": result.summary["stack"]}, as_json)
+    except (ValueError, *user_errors()) as exc:
+        fail(str(exc))
+    finish(segment_lines(result), {**result.to_dict(), "summary": result.summary["stack"]}, as_json)
 
 
 @app.command()
@@ -405,38 +344,8 @@ def serve(
     )
     try:
         serve_model(model, cfg, blocking=True)
-    except (ValueError, *_user_errors()) as exc:
-        _fail(str(exc))
-
-
-def serve_config(
-    preset: str = "paper",
-    config: Path | None = None,
-    set_: list[str] | None = None,
-    host: str | None = None,
-    port: int | None = None,
-    replicas: int | None = None,
-    max_replicas: int | None = None,
-    gpus_per_replica: float | None = None,
-    cpus_per_replica: float | None = None,
-    max_batch_size: int | None = None,
-):
-    """The config ``tgan serve`` runs with: preset, file, --set, then its own options (those given)."""
-    overrides = _parse_sets(set_)
-    fields = {
-        "host": host,
-        "port": port,
-        "min_replicas": replicas,
-        "max_replicas": max_replicas if max_replicas is not None else replicas,
-        "gpus_per_replica": gpus_per_replica,
-        "cpus_per_replica": cpus_per_replica,
-        "max_batch_size": max_batch_size,
-    }
-    overrides.update({f"serve.{k}": v for k, v in fields.items() if v is not None})
-    cfg = _config(preset, config, overrides)
-    if cfg.serve.min_replicas > cfg.serve.max_replicas:
-        _fail(f"--replicas {cfg.serve.min_replicas} is more than --max-replicas {cfg.serve.max_replicas}")
-    return cfg
+    except (ValueError, *user_errors()) as exc:
+        fail(str(exc))
 
 
 @app.command()
@@ -459,8 +368,8 @@ def watch(
 
     try:
         watch_folder(folder, endpoint, out, interval=interval, pixel_size_nm=pixel_size_nm, log=typer.echo)
-    except (ValueError, NotADirectoryError, *_user_errors()) as exc:
-        _fail(str(exc))
+    except (ValueError, NotADirectoryError, *user_errors()) as exc:
+        fail(str(exc))
     except KeyboardInterrupt:
         typer.echo("stopped")
 
@@ -472,7 +381,7 @@ def show_config(preset: Preset = "paper", config: ConfigFile = None, set_: Sets 
 
     from tgan_ray.config import config_to_dict
 
-    cfg = _config(preset, config, _parse_sets(set_))
+    cfg = config_from_options(preset, config, parse_sets(set_))
     typer.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 

@@ -3,7 +3,8 @@
     result = generate_dataset("run/round1/prior.json", p2p_model, cyc_model, 100_000, "s3://em/virtual", cfg)
     result = generate_from_run("runs/r1", 10_000, "runs/r1/virtual-10k", cfg)
 
-Ray Data plan (streaming: memory stays bounded whatever N)::
+Ray Data plan (streaming: memory stays bounded whatever N; the tasks and the actor are in
+:mod:`tgan_ray.generate_actor`)::
 
     range(n) -> sample masks (tasks, masks_per_task a block; indices already written are dropped)
              -> GeneratorActor (actor pool: pix2pix -> 1st generation -> CycleGAN -> 2nd generation)
@@ -32,13 +33,13 @@ import math
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tgan_ray.config import Config, StorageConfig
+from tgan_ray.generate_actor import GeneratorActor, sample_masks, write_pairs
 from tgan_ray.io import storage as st
 from tgan_ray.messages import one_line
 from tgan_ray.scale_out import (
@@ -55,8 +56,6 @@ SAMPLE_TASK_CPUS = 0.5  # sampling masks from the prior: light, beside the model
 # ray.data.range's read tasks take Ray Data's default of 1 CPU (range() has no num_cpus): an actor pool that
 # leaves less than that free waits forever for input.
 RANGE_READ_CPUS = 1.0
-# S3 puts are latency-bound: a writer task keeps several in flight.
-WRITE_THREADS = 8
 _PAIR_NAME = re.compile(r"^(\d{7})\.png$")
 
 
@@ -92,113 +91,6 @@ def check_generator(data: bytes, uri: str) -> None:
         ) from None
     finally:
         os.unlink(path)
-
-
-# ---------------------------------------------------------------------------------------------- stages
-
-
-def sample_masks(
-    batch: dict[str, np.ndarray],
-    prior: Any,
-    size: int,
-    seed: int,
-    border_policy: str,
-    max_empty_fraction: float,
-    done: np.ndarray,
-):
-    """Ray Data task: the masks of the batch's indices that are not written yet.
-
-    Shape:
-        batch["id"]: (B,) -> {"index": (b,), "mask": (b, size, size) bool}, b <= B.
-    """
-    from tgan_ray.masks.prior import sample_capped_mask_at
-
-    ids = batch["id"].astype(np.int64)
-    ids = ids[~np.isin(ids, done)]
-    masks = np.zeros((len(ids), size, size), dtype=bool)
-    for k, index in enumerate(ids):
-        masks[k] = sample_capped_mask_at(prior, size, seed, int(index), max_empty_fraction, border_policy)[0]
-    return {"index": ids, "mask": masks}
-
-
-def _to_u8(images: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-class GeneratorActor:
-    """Ray Data actor: pix2pix (mask -> 1st generation), then CycleGAN (1st -> 2nd generation).
-
-    Both generators are loaded once per actor. Outputs go back as uint8 (what the PNGs hold), a quarter of
-    float32 in the object store.
-
-    Args:
-        pix2pix_ref: object-store reference to the pix2pix stage's model.pt bytes (:func:`read_model`).
-        cyclegan_ref: the CycleGAN stage's model.pt bytes, or None for a pix2pix-only dataset.
-        device: "cpu" or "cuda".
-        batch_size: images per generator call.
-        seed: the dataset's seed; pix2pix's noise input for pair i is drawn from (seed, i), so a pair's image,
-            like its mask, does not depend on which actor or batch made it.
-    """
-
-    def __init__(
-        self, pix2pix_ref: list, cyclegan_ref: list | None, device: str, batch_size: int, seed: int = 0
-    ):
-        from tgan_ray.inference import load_generator
-        from tgan_ray.runtime import use_actor_cpus
-
-        use_actor_cpus()
-        self.batch_size, self.seed = batch_size, seed
-        self.generators = []
-        # The refs come wrapped in a list so that Ray hands over the reference, not a copy of the bytes.
-        for ref in [pix2pix_ref[0]] + ([cyclegan_ref[0]] if cyclegan_ref else []):
-            path = local_copy(ref, ".pt")
-            try:
-                self.generators.append(load_generator(path, device))
-            finally:
-                os.unlink(path)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from tgan_ray.inference import run_generator
-
-        noise_seeds = np.array([noise_seed(self.seed, int(i)) for i in batch["index"]], dtype=np.int64)
-        first = run_generator(
-            self.generators[0], batch["mask"].astype(np.float32), self.batch_size, noise_seeds
-        )
-        out = {"index": batch["index"], "mask": batch["mask"], "image": _to_u8(first)}
-        if len(self.generators) > 1:
-            out["gen1"] = out["image"]
-            out["image"] = _to_u8(run_generator(self.generators[1], first, self.batch_size))
-        return out
-
-
-def noise_seed(seed: int, index: int) -> int:
-    """Seed of pix2pix's noise input for pair ``index`` (a stream apart from the masks' (seed, index))."""
-    return int(np.random.SeedSequence([seed, index, 7]).generate_state(1, np.uint32)[0])
-
-
-def pair_paths(index: int) -> dict[str, str]:
-    """Relative paths of pair ``index`` in a generated dataset."""
-    name = f"{index:07d}.png"
-    return {"image": f"images/{name}", "mask": f"masks/{name}", "gen1": f"gen1/{name}"}
-
-
-def write_pairs(
-    batch: dict[str, np.ndarray], out: str, storage: StorageConfig | None, seed: int, write_gen1: bool
-) -> dict[str, np.ndarray]:
-    """Ray Data task: write each pair's PNGs (each object atomic) and return one small manifest row per pair."""
-    from tgan_ray.io import write_mask_png, write_png
-
-    def write_one(k: int) -> None:
-        paths = pair_paths(int(batch["index"][k]))
-        write_mask_png(st.join(out, paths["mask"]), batch["mask"][k], storage)
-        if write_gen1 and "gen1" in batch:
-            write_png(st.join(out, paths["gen1"]), batch["gen1"][k], storage)
-        # The image last: a pair counts as done when its image and mask both exist.
-        write_png(st.join(out, paths["image"]), batch["image"][k], storage)
-
-    with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
-        list(pool.map(write_one, range(len(batch["index"]))))
-    return {"index": batch["index"], "seed": np.full(len(batch["index"]), seed, dtype=np.int64)}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -252,6 +144,109 @@ def _write_manifest(
     return uri
 
 
+@dataclass
+class _Inputs:
+    """The prior and the generator checkpoints of a dataset, read and checked on the driver."""
+
+    prior: Any  # MorphologyPrior, calibrated
+    prior_bytes: bytes
+    pix2pix_bytes: bytes
+    cyclegan_bytes: bytes | None  # None: a pix2pix-only dataset
+
+
+def _read_inputs(
+    out: str,
+    prior_path: str | os.PathLike,
+    pix2pix_model: str | os.PathLike,
+    cyclegan_model: str | os.PathLike | None,
+    storage: StorageConfig | None,
+) -> _Inputs:
+    """Check ``out`` and read the prior and models, so that a bad one fails before any Ray work."""
+    st.check_access(out, storage)
+    for uri in (prior_path, pix2pix_model, cyclegan_model):
+        if uri is not None and st.is_s3(uri):
+            st.check_access(str(uri), storage)
+    prior_bytes = read_model(str(prior_path), storage, "morphology prior")
+    prior = _load_prior(prior_bytes, str(prior_path))
+    p2p_bytes = read_model(str(pix2pix_model), storage, "pix2pix model")
+    cyc_bytes = None if cyclegan_model is None else read_model(str(cyclegan_model), storage, "CycleGAN model")
+    check_generator(p2p_bytes, str(pix2pix_model))
+    if cyc_bytes is not None:
+        check_generator(cyc_bytes, str(cyclegan_model))
+    return _Inputs(prior, prior_bytes, p2p_bytes, cyc_bytes)
+
+
+def _dataset_settings(inputs: _Inputs, seed: int, cfg: Config) -> dict[str, Any]:
+    """What a re-run into the same ``out`` must keep (``generate.json``)."""
+    # Content hashes, not paths: the same files moved elsewhere may complete a dataset, retrained ones may not.
+    return {
+        "seed": seed,
+        "image_size": cfg.data.image_size,
+        "border_policy": cfg.prior.border_policy,
+        "max_empty_fraction": cfg.prior.max_empty_fraction,
+        "prior_sha256": hashlib.sha256(inputs.prior_bytes).hexdigest(),
+        "pix2pix_sha256": hashlib.sha256(inputs.pix2pix_bytes).hexdigest(),
+        "cyclegan_sha256": None
+        if inputs.cyclegan_bytes is None
+        else hashlib.sha256(inputs.cyclegan_bytes).hexdigest(),
+    }
+
+
+def _pairs_done(out: str, n: int, write_gen1: bool, storage: StorageConfig | None) -> set[int]:
+    """Indices below ``n`` whose files are all in ``out`` already: a re-run keeps them."""
+    done = _written(out, "images", storage) & _written(out, "masks", storage)
+    if write_gen1:
+        done &= _written(out, "gen1", storage)
+    return {i for i in done if i < n}
+
+
+def _generate_missing(
+    inputs: _Inputs, n: int, done: set[int], out: str, seed: int, write_gen1: bool, cfg: Config
+) -> np.ndarray:
+    """Run the Ray Data job that samples, generates and writes the pairs not in ``done``; their indices."""
+    from tgan_ray.runtime import init_ray
+
+    ray = init_ray(cfg.ray)
+    pool = actor_pool_options(cfg, free_cpus=RANGE_READ_CPUS)
+    p2p_ref = ray.put(inputs.pix2pix_bytes)
+    cyc_ref = None if inputs.cyclegan_bytes is None else ray.put(inputs.cyclegan_bytes)
+    per_task = cfg.scale_out.masks_per_task
+    ds = ray.data.range(n, override_num_blocks=max(1, math.ceil(n / per_task)))
+    ds = ds.map_batches(
+        sample_masks,
+        batch_size=per_task,
+        num_cpus=SAMPLE_TASK_CPUS,
+        fn_kwargs={
+            "prior": inputs.prior,
+            "size": cfg.data.image_size,
+            "seed": seed,
+            "border_policy": cfg.prior.border_policy,
+            "max_empty_fraction": cfg.prior.max_empty_fraction,
+            "done": np.fromiter(sorted(done), dtype=np.int64, count=len(done)),
+        },
+    )
+    ds = ds.map_batches(
+        GeneratorActor,
+        batch_size=cfg.scale_out.batch_size,
+        fn_constructor_kwargs={
+            "pix2pix_ref": [p2p_ref],
+            "cyclegan_ref": [cyc_ref] if cyc_ref else None,
+            "device": device_for(cfg),
+            "batch_size": cfg.scale_out.batch_size,
+            "seed": seed,
+        },
+        **pool,
+    )
+    ds = ds.map_batches(
+        write_pairs,
+        batch_size=cfg.scale_out.batch_size,
+        num_cpus=IO_TASK_CPUS,
+        fn_kwargs={"out": out, "storage": cfg.storage, "seed": seed, "write_gen1": write_gen1},
+    )
+    new = [b["index"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    return np.concatenate(new) if new else np.zeros(0, np.int64)
+
+
 def generate_dataset(
     prior_path: str | os.PathLike,
     pix2pix_model: str | os.PathLike,
@@ -288,92 +283,23 @@ def generate_dataset(
         ScaleOutError: a missing model or prior, ``n`` < 1, settings that differ from an earlier run into
             ``out``, or an actor pool that cannot fit the local Ray instance.
     """
-    from tgan_ray.runtime import init_ray
-
     start = time.monotonic()
     out, storage = str(out).rstrip("/") if st.is_s3(out) else str(out), cfg.storage
     if n < 1:
         raise ScaleOutError(f"n={n}: ask for at least one pair")
     seed = cfg.data.seed if seed is None else int(seed)
     write_gen1 = write_gen1 and cyclegan_model is not None
-    st.check_access(out, storage)
-    for uri in (prior_path, pix2pix_model, cyclegan_model):
-        if uri is not None and st.is_s3(uri):
-            st.check_access(str(uri), storage)
-    prior_bytes = read_model(str(prior_path), storage, "morphology prior")
-    prior = _load_prior(prior_bytes, str(prior_path))
-    p2p_bytes = read_model(str(pix2pix_model), storage, "pix2pix model")
-    cyc_bytes = None if cyclegan_model is None else read_model(str(cyclegan_model), storage, "CycleGAN model")
-    check_generator(p2p_bytes, str(pix2pix_model))
-    if cyc_bytes is not None:
-        check_generator(cyc_bytes, str(cyclegan_model))
-    size = cfg.data.image_size
-    # Content hashes, not paths: the same files moved elsewhere may complete a dataset, retrained ones may not.
-    check_settings(
-        out,
-        {
-            "seed": seed,
-            "image_size": size,
-            "border_policy": cfg.prior.border_policy,
-            "max_empty_fraction": cfg.prior.max_empty_fraction,
-            "prior_sha256": hashlib.sha256(prior_bytes).hexdigest(),
-            "pix2pix_sha256": hashlib.sha256(p2p_bytes).hexdigest(),
-            "cyclegan_sha256": None if cyc_bytes is None else hashlib.sha256(cyc_bytes).hexdigest(),
-        },
-        {
-            "prior": str(prior_path),
-            "pix2pix": str(pix2pix_model),
-            "cyclegan": cyclegan_model and str(cyclegan_model),
-        },
-        storage,
-        "generate.json",
-    )
-    done = _written(out, "images", storage) & _written(out, "masks", storage)
-    if write_gen1:
-        done &= _written(out, "gen1", storage)
-    done = {i for i in done if i < n}
+    inputs = _read_inputs(out, prior_path, pix2pix_model, cyclegan_model, storage)
+    sources = {
+        "prior": str(prior_path),
+        "pix2pix": str(pix2pix_model),
+        "cyclegan": cyclegan_model and str(cyclegan_model),
+    }
+    check_settings(out, _dataset_settings(inputs, seed, cfg), sources, storage, "generate.json")
+    done = _pairs_done(out, n, write_gen1, storage)
     todo = n - len(done)
-
     if todo:
-        ray = init_ray(cfg.ray)
-        pool = actor_pool_options(cfg, free_cpus=RANGE_READ_CPUS)
-        p2p_ref = ray.put(p2p_bytes)
-        cyc_ref = None if cyc_bytes is None else ray.put(cyc_bytes)
-        per_task = cfg.scale_out.masks_per_task
-        ds = ray.data.range(n, override_num_blocks=max(1, math.ceil(n / per_task)))
-        ds = ds.map_batches(
-            sample_masks,
-            batch_size=per_task,
-            num_cpus=SAMPLE_TASK_CPUS,
-            fn_kwargs={
-                "prior": prior,
-                "size": size,
-                "seed": seed,
-                "border_policy": cfg.prior.border_policy,
-                "max_empty_fraction": cfg.prior.max_empty_fraction,
-                "done": np.fromiter(sorted(done), dtype=np.int64, count=len(done)),
-            },
-        )
-        ds = ds.map_batches(
-            GeneratorActor,
-            batch_size=cfg.scale_out.batch_size,
-            fn_constructor_kwargs={
-                "pix2pix_ref": [p2p_ref],
-                "cyclegan_ref": [cyc_ref] if cyc_ref else None,
-                "device": device_for(cfg),
-                "batch_size": cfg.scale_out.batch_size,
-                "seed": seed,
-            },
-            **pool,
-        )
-        ds = ds.map_batches(
-            write_pairs,
-            batch_size=cfg.scale_out.batch_size,
-            num_cpus=IO_TASK_CPUS,
-            fn_kwargs={"out": out, "storage": storage, "seed": seed, "write_gen1": write_gen1},
-        )
-        new = [b["index"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
-        new_indices = np.concatenate(new) if new else np.zeros(0, np.int64)
+        new_indices = _generate_missing(inputs, n, done, out, seed, write_gen1, cfg)
     else:
         new_indices = np.zeros(0, np.int64)
 

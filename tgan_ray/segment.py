@@ -26,9 +26,7 @@ from the mask, which is cheap). Storage is checked before any Ray work; credenti
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +45,8 @@ from tgan_ray.scale_out import (
     local_copy,
     read_model,
 )
-from tgan_ray.segment_actor import STATUS_ERROR, STATUS_REUSED, STATUS_SEGMENTED, SegmentActor, error_row
-
-IMAGE_COLUMNS = (
-    "image", "source", "status", "reason", "mask", "pixel_size_nm", "unit", "height", "width",
-    "particle_count", "border_count", "uncertainty", "lead",
-)  # fmt: skip
+from tgan_ray.segment_actor import STATUS_ERROR, SegmentActor, error_row
+from tgan_ray.segment_outputs import IMAGE_COLUMNS, ParticleSink, collect_rows, write_outputs
 
 
 @dataclass
@@ -132,101 +126,6 @@ def rough_stack_settings(uris: list[str], cfg: Config) -> dict[str, Any]:
     return {"config": r.model_dump(mode="json"), "contrast": contrast, "radii": [round(x, 3) for x in radii]}
 
 
-# ---------------------------------------------------------------------------------------------- driver
-
-
-def _particle_schema():
-    import pyarrow as pa
-
-    floats = "centroid_x centroid_y area equivalent_diameter major_axis minor_axis eccentricity circularity"
-    floats = floats.split() + ["solidity"]
-    return pa.schema(
-        [("image", pa.string()), ("particle_id", pa.int64())]
-        + [(c, pa.float64()) for c in floats]
-        + [
-            ("touches_border", pa.bool_()),
-            ("unit", pa.string()),
-            ("source", pa.string()),
-            ("pixel_size_nm", pa.float64()),
-        ]
-    )
-
-
-class _ParticleSink:
-    """Streams particle tables into one local Parquet file; published to ``out`` at the end."""
-
-    def __init__(self):
-        import pyarrow.parquet as pq
-
-        self.schema = _particle_schema()
-        fd, self.path = tempfile.mkstemp(suffix=".parquet", prefix="tgan-particles-")
-        os.close(fd)
-        self.writer = pq.ParquetWriter(self.path, self.schema)
-        self.rows, self.closed = 0, False
-
-    def add(self, ipc: bytes, source: str, pixel_size_nm: float | None) -> None:
-        import pyarrow as pa
-
-        table = pa.ipc.open_stream(ipc).read_all()
-        n = table.num_rows
-        table = table.append_column("source", pa.array([source] * n, pa.string()))
-        table = table.append_column("pixel_size_nm", pa.array([pixel_size_nm] * n, pa.float64()))
-        self.writer.write_table(table.select(self.schema.names).cast(self.schema))
-        self.rows += n
-
-    def close(self) -> None:
-        if not self.closed:
-            self.writer.close()
-            self.closed = True
-
-
-def _stack_summary(particles_path: str, images: list[str]) -> dict[str, Any]:
-    """PSD of the whole stack, read back with only the columns it needs (memory: a few floats a particle)."""
-    import pyarrow.parquet as pq
-
-    from tgan_ray.analysis import psd_summary
-
-    columns = (
-        "image equivalent_diameter touches_border circularity eccentricity solidity minor_axis major_axis"
-    )
-    columns = columns.split() + ["unit"]
-    df = pq.read_table(particles_path, columns=columns).to_pandas()
-    units = sorted(set(df["unit"])) if len(df) else []
-    if len(units) > 1:  # some frames calibrated, some not: a PSD must not mix nm and px
-        nm = df["unit"] == "nm"
-        summary = psd_summary(df[nm], images=sorted(set(df.loc[nm, "image"])))
-        summary["note"] = (
-            "frames without a pixel size (px) are left out of this nm summary; set data.pixel_size_nm"
-        )
-        return summary
-    return psd_summary(df, images=images)
-
-
-def _write_outputs(
-    out: str, storage: StorageConfig | None, sink: _ParticleSink, rows: list[dict], per_image: dict[str, Any]
-) -> dict[str, Any]:
-    import pandas as pd
-
-    ok = [r["image"] for r in rows if r["status"] != STATUS_ERROR]
-    summary = {
-        "stack": _stack_summary(sink.path, ok),
-        "images": {
-            "total": len(rows),
-            "segmented": sum(r["status"] == STATUS_SEGMENTED for r in rows),
-            "reused": sum(r["status"] == STATUS_REUSED for r in rows),
-            "errors": sum(r["status"] == STATUS_ERROR for r in rows),
-        },
-        "per_image": per_image,
-    }
-    st.upload_file(sink.path, st.join(out, "particles.parquet"), storage)
-    st.write_bytes(
-        st.join(out, "summary.json"), json.dumps(summary, indent=2, allow_nan=False).encode(), storage
-    )
-    table = pd.DataFrame(rows, columns=list(IMAGE_COLUMNS)).sort_values("source", kind="stable")
-    st.write_bytes(st.join(out, "images.parquet"), table.to_parquet(index=False), storage)  # the commit
-    return summary
-
-
 def _model_data_cfg(data: bytes, model: str, cfg: Config) -> DataConfig:
     """Check the checkpoint on the driver (before any Ray work) and return the data settings to segment with:
     the working scale it was trained at (its metadata), normalisation and pixel size from ``cfg``."""
@@ -245,6 +144,158 @@ def _model_data_cfg(data: bytes, model: str, cfg: Config) -> DataConfig:
     return cfg.data.model_copy(
         update={k: getattr(trained, k) for k in ("image_size", "resize_mode", "scale")}
     )
+
+
+@dataclass
+class _SegmenterPlan:
+    """The segmenter of a stack, checked on the driver before any Ray work."""
+
+    identity: dict[str, Any]  # model_sha256 (and merge_rough), or rough: segment.json keeps it
+    data_cfg: DataConfig  # working scale and normalisation to segment at
+    rough: dict[str, Any] | None  # rough_stack_settings: the segmenter, or merged with the model's masks
+    model_bytes: bytes | None  # the checkpoint; None with --rough, and once it is in the object store
+
+
+def _check_storage(
+    images: str, model: str | None, out: str, masks_dir: str, storage: StorageConfig | None
+) -> None:
+    """Fail on a missing bucket, rejected credentials or an unreachable endpoint before any Ray work."""
+    for uri in (images, model):
+        if uri is not None and st.is_s3(uri):
+            st.check_access(uri, storage)
+    st.check_access(out, storage)
+    st.check_access(masks_dir, storage)
+
+
+def _masks_done(masks_dir: str, stems: dict[str, str], storage: StorageConfig | None) -> set[str]:
+    """Stems of the stack whose mask is in ``masks_dir`` already: a re-run re-measures them."""
+    try:
+        masks = st.list_files(masks_dir, storage, exts=["png"])
+    except st.StorageNotFoundError:
+        masks = []
+    return {Path(m.replace("\\", "/").rsplit("/", 1)[-1]).stem for m in masks} & set(stems.values())
+
+
+def _plan_segmenter(model: str | None, uris: list[str], cfg: Config, rough: bool) -> _SegmenterPlan:
+    """The rough segmenter's stack settings, or the checked model (with the rough settings to merge)."""
+    if rough:
+        rough_settings = rough_stack_settings(uris, cfg)
+        return _SegmenterPlan({"rough": rough_settings}, cfg.data, rough_settings, None)
+    model_bytes = read_model(model, cfg.storage, "segmenter checkpoint")
+    data_cfg = _model_data_cfg(model_bytes, model, cfg)
+    plan = _SegmenterPlan(
+        {"model_sha256": hashlib.sha256(model_bytes).hexdigest()}, data_cfg, None, model_bytes
+    )
+    if cfg.segmenter.merge_rough and cfg.rough.method == "classical":
+        try:
+            plan.rough = plan.identity["merge_rough"] = rough_stack_settings(uris, cfg)
+        except ScaleOutError:  # no frame readable: the actors report each one; nothing to merge
+            pass
+    return plan
+
+
+def _segment_settings(
+    plan: _SegmenterPlan, cfg: Config, frame_scales: dict[str, float] | None
+) -> dict[str, Any]:
+    """What a re-run into the same ``out`` must keep (``segment.json``)."""
+    d, sg = plan.data_cfg, cfg.segmenter
+    settings = {
+        **plan.identity,
+        "image_size": d.image_size,
+        "resize_mode": d.resize_mode,
+        "scale": d.scale,
+        "norm_low_percentile": d.norm_low_percentile,
+        "norm_high_percentile": d.norm_high_percentile,
+        "tile_overlap": sg.tile_overlap,
+    }
+    if frame_scales:
+        settings["frame_scales"] = dict(sorted(frame_scales.items()))
+    return settings
+
+
+def _reported_source(uri: str, s3: bool) -> str:
+    """The ``source`` an actor reports for ``uri``: Ray reads local files by their absolute path."""
+    return uri if s3 else os.path.abspath(uri)
+
+
+def _run_segment_actors(
+    uris: list[str],
+    stems: dict[str, str],
+    s3: bool,
+    plan: _SegmenterPlan,
+    cfg: Config,
+    actor_kwargs: dict[str, Any],
+):
+    """Start Ray and plan the Ray Data job: read each frame's bytes, then the :class:`SegmentActor` pool.
+
+    Args:
+        s3: the stack is on S3 (Ray reads ``bucket/key`` paths through pyarrow's S3 filesystem).
+        actor_kwargs: the actor's arguments that come from the caller as they are (``masks_dir``, ``done``,
+            ``fallback_pixel_size_nm``, ``frame_scales``); the others are set here.
+
+    Returns:
+        The (lazy) dataset of the actors' rows, one per image read.
+    """
+    from tgan_ray.runtime import init_ray
+
+    ray = init_ray(cfg.ray)
+    # The classical segmenter is numpy and scipy: its actors take CPUs only.
+    rough = plan.model_bytes is None  # --rough: no model
+    pool_cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"use_gpu": "no"})}) if rough else cfg
+    pool = actor_pool_options(pool_cfg, free_cpus=IO_TASK_CPUS)
+    model_ref = None if rough else ray.put(plan.model_bytes)
+    plan.model_bytes = None  # the object store holds it now; the driver need not, for the whole job
+    # pyarrow wants bucket/key paths with an S3 filesystem; actors rebuild the URIs with the scheme.
+    paths = [u.split("://", 1)[1] for u in uris] if s3 else [os.path.abspath(u) for u in uris]
+    renamed = {_reported_source(u, s3): s for u, s in stems.items() if Path(u).stem != s}
+    ds = ray.data.read_binary_files(
+        paths,
+        include_paths=True,
+        filesystem=st.pyarrow_filesystem(cfg.storage) if s3 else None,
+        ignore_missing_paths=True,
+        num_cpus=IO_TASK_CPUS,
+    )
+    return ds.map_batches(
+        SegmentActor,
+        batch_size=cfg.scale_out.batch_size,
+        fn_constructor_kwargs={
+            **actor_kwargs,
+            "model_ref": [model_ref],
+            "data_cfg": plan.data_cfg,
+            "seg_cfg": cfg.segmenter,
+            "device": device_for(pool_cfg),
+            "storage": cfg.storage,
+            "scheme": uris[0].split("://", 1)[0] if s3 else None,
+            "stems": renamed,
+            "rough": plan.rough,
+        },
+        **pool,
+    )
+
+
+def _write_stack_outputs(
+    ds, uris: list[str], stems: dict[str, str], s3: bool, out: str, storage: StorageConfig | None
+) -> tuple[list[dict], dict[str, Any], int]:
+    """Gather the actors' rows, their particles streamed to a local file, and write the tables to ``out``.
+
+    Returns:
+        (rows of images.parquet, summary.json, rows of particles.parquet).
+    """
+    sink = ParticleSink()
+    try:
+        rows, per_image = collect_rows(ds.iter_batches(batch_size=None, batch_format="numpy"), sink)
+        seen = {r["source"] for r in rows}
+        # read_binary_files drops an object that vanished after the listing (ignore_missing_paths).
+        for u in uris:
+            if _reported_source(u, s3) not in seen:
+                row = error_row(stems[u], u, "object disappeared before it could be read")
+                rows.append({c: row[c] for c in IMAGE_COLUMNS} | {"pixel_size_nm": None})
+        sink.close()
+        summary = write_outputs(out, storage, sink, rows, per_image)
+    finally:
+        sink.close()
+        os.unlink(sink.path)
+    return rows, summary, sink.rows
 
 
 def segment_stack(
@@ -288,7 +339,6 @@ def segment_stack(
             masks made with another model or other settings).
     """
     from tgan_ray.io import list_stack
-    from tgan_ray.runtime import init_ray
 
     start = time.monotonic()
     if rough == (model is not None):
@@ -298,106 +348,24 @@ def segment_stack(
     if st.is_s3(out):
         out = out.rstrip("/")
     masks_dir = st.join(out, "masks") if masks_dir is None else str(masks_dir).rstrip("/")
-    for uri in (images, model):
-        if uri is not None and st.is_s3(uri):
-            st.check_access(uri, storage)
-    st.check_access(out, storage)
-    st.check_access(masks_dir, storage)
+    _check_storage(images, model, out, masks_dir, storage)
     uris = list_stack(images, storage, recursive=recursive)
     stems = unique_stems(uris)
-    try:
-        masks = st.list_files(masks_dir, storage, exts=["png"])
-    except st.StorageNotFoundError:
-        masks = []
-    done = {Path(m.replace("\\", "/").rsplit("/", 1)[-1]).stem for m in masks} & set(stems.values())
-
-    if rough:
-        rough_settings, model_bytes, data_cfg = rough_stack_settings(uris, cfg), None, cfg.data
-        segmenter = {"rough": rough_settings}
-    else:
-        rough_settings, model_bytes = None, read_model(model, storage, "segmenter checkpoint")
-        data_cfg = _model_data_cfg(model_bytes, model, cfg)
-        segmenter = {"model_sha256": hashlib.sha256(model_bytes).hexdigest()}
-        if cfg.segmenter.merge_rough and cfg.rough.method == "classical":
-            try:
-                rough_settings = segmenter["merge_rough"] = rough_stack_settings(uris, cfg)
-            except ScaleOutError:  # no frame readable: the actors report each one; nothing to merge
-                pass
+    done = _masks_done(masks_dir, stems, storage)
+    plan = _plan_segmenter(model, uris, cfg, rough)
     # Masks found in out are reused: they must come from this model at these settings.
-    d, sg = data_cfg, cfg.segmenter
-    settings = {
-        **segmenter,
-        "image_size": d.image_size,
-        "resize_mode": d.resize_mode,
-        "scale": d.scale,
-        "norm_low_percentile": d.norm_low_percentile,
-        "norm_high_percentile": d.norm_high_percentile,
-        "tile_overlap": sg.tile_overlap,
-    }
-    if frame_scales:
-        settings["frame_scales"] = dict(sorted(frame_scales.items()))
     sources = {"model": model or "rough", "images": images, "masks": masks_dir}
-    check_settings(out, settings, sources, storage, "segment.json")
+    check_settings(out, _segment_settings(plan, cfg, frame_scales), sources, storage, "segment.json")
 
-    ray = init_ray(cfg.ray)
-    # The classical segmenter is numpy and scipy: its actors take CPUs only.
-    pool_cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"use_gpu": "no"})}) if rough else cfg
-    pool = actor_pool_options(pool_cfg, free_cpus=IO_TASK_CPUS)
-    model_ref = None if model_bytes is None else ray.put(model_bytes)
-    del model_bytes
     s3 = st.is_s3(images)
-    # pyarrow wants bucket/key paths with an S3 filesystem; actors rebuild the URIs with the scheme.
-    paths = [u.split("://", 1)[1] for u in uris] if s3 else [os.path.abspath(u) for u in uris]
-    renamed = {u if s3 else os.path.abspath(u): s for u, s in stems.items() if Path(u).stem != s}
-    ds = ray.data.read_binary_files(
-        paths,
-        include_paths=True,
-        filesystem=st.pyarrow_filesystem(storage) if s3 else None,
-        ignore_missing_paths=True,
-        num_cpus=IO_TASK_CPUS,
-    )
-    ds = ds.map_batches(
-        SegmentActor,
-        batch_size=cfg.scale_out.batch_size,
-        fn_constructor_kwargs={
-            "model_ref": [model_ref],
-            "data_cfg": data_cfg,
-            "seg_cfg": cfg.segmenter,
-            "device": device_for(pool_cfg),
-            "masks_dir": masks_dir,
-            "storage": storage,
-            "scheme": uris[0].split("://", 1)[0] if s3 else None,
-            "stems": renamed,
-            "done": done,
-            "fallback_pixel_size_nm": fallback_pixel_size_nm,
-            "rough": rough_settings,
-            "frame_scales": frame_scales,
-        },
-        **pool,
-    )
-
-    sink, rows, per_image = _ParticleSink(), [], {}
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for k in range(len(batch["source"])):
-                row = {c: batch[c][k] for c in IMAGE_COLUMNS}
-                pixel = None if row["pixel_size_nm"] != row["pixel_size_nm"] else float(row["pixel_size_nm"])
-                row["pixel_size_nm"] = pixel
-                if row["status"] != STATUS_ERROR:
-                    sink.add(batch["particles"][k], row["source"], pixel)
-                    per_image[row["image"]] = json.loads(batch["summary"][k])
-                rows.append(row)
-        seen = {r["source"] for r in rows}
-        # read_binary_files drops an object that vanished after the listing (ignore_missing_paths).
-        for u in uris:
-            if (u if s3 else os.path.abspath(u)) not in seen:
-                row = error_row(stems[u], u, "object disappeared before it could be read")
-                rows.append({c: row[c] for c in IMAGE_COLUMNS} | {"pixel_size_nm": None})
-        sink.close()
-        summary = _write_outputs(out, storage, sink, rows, per_image)
-    finally:
-        sink.close()
-        os.unlink(sink.path)
+    actor_kwargs = {
+        "masks_dir": masks_dir,
+        "done": done,
+        "fallback_pixel_size_nm": fallback_pixel_size_nm,
+        "frame_scales": frame_scales,
+    }
+    ds = _run_segment_actors(uris, stems, s3, plan, cfg, actor_kwargs)
+    rows, summary, particles = _write_stack_outputs(ds, uris, stems, s3, out, storage)
     errors = [(r["source"], r["reason"]) for r in rows if r["status"] == STATUS_ERROR]
     return SegmentResult(
         out=out,
@@ -406,7 +374,7 @@ def segment_stack(
         segmented=summary["images"]["segmented"],
         reused=summary["images"]["reused"],
         errors=errors,
-        particles=sink.rows,
+        particles=particles,
         summary=summary,
         seconds=time.monotonic() - start,
     )

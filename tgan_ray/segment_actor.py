@@ -139,7 +139,7 @@ class SegmentActor:
     def _segment(self, items: list[dict[str, Any]]) -> None:
         """Masks (and the network's uncertainty on them) of the frames read in this batch, in one go."""
         from tgan_ray.analysis.selfcheck import LEAD_NETWORK, LEAD_ROUGH, merge_with_rough, uncertainty
-        from tgan_ray.masks.rough import MIN_FRAME_PX
+        from tgan_ray.masks.classical import MIN_FRAME_PX
 
         todo = [it for it in items if it["image"] is not None]
         if self.segmenter is None:

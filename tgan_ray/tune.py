@@ -166,12 +166,8 @@ def run_campaign(
         space: search space (see :data:`DEFAULT_SPACES`); validated before any trial starts.
         max_concurrent: trials at once. Each takes ``driver_cpus`` plus its workers' CPUs.
     """
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     from tgan_ray.pipeline import Pipeline
     from tgan_ray.runtime import init_ray
-    from tgan_ray.train.driver import put_data, with_worker_cpus
 
     if stage not in DEFAULT_SPACES:
         raise ConfigError(f"tune --stage must be one of {', '.join(DEFAULT_SPACES)}, got {stage!r}")
@@ -184,23 +180,53 @@ def run_campaign(
 
     # The campaign's data come from the pipeline's own steps (resumable in <out>/prep).
     pipe = Pipeline(images, out / "prep", cfg, log=log)
-    stack = pipe.run_step("stack", pipe.step_stack)
-    rough = pipe.run_step("round1/rough", pipe.step_rough, stack, 1)
-    prior = pipe.run_step("round1/prior", pipe.step_prior, stack, rough, 1)
-    if stage == "pix2pix":
-        data = pipe.pix2pix_data(stack, rough, prior, 1)
-    else:
-        p2p = pipe.run_step("round1/pix2pix", pipe.step_pix2pix, stack, rough, prior, 1)
-        gen1 = pipe.run_step("round1/gen1", pipe.step_gen, "masks", "gen1", p2p, 1)
-        data = pipe.cyclegan_data(stack, gen1)
-
+    data = _campaign_data(pipe, stage)
     campaign = pipe.tracker.start_child(
         f"tune-{stage}-{out.name}", tags={"campaign": str(out), "stage": stage}
     )
     campaign.log_params({"num_samples": num_samples, "scheduler": scheduler, "space": json.dumps(space)})
-    stage_cfg = getattr(cfg, stage)
+    results = _fit_trials(
+        stage, cfg, out, data, campaign, space, num_samples, scheduler, max_concurrent, driver_cpus
+    )
+    best = _best_result(results, campaign, stage)
+    trials = _trial_summaries(results)
+    best_params = dict(best.config["params"])
+    best_score = float(best.metrics["score"])
+    checkpoint = best.metrics["checkpoint_path"]
+    campaign.log_metrics({"best_score": best_score})
+    version = campaign.register_model(
+        Path(checkpoint) / "model.pt",
+        f"{cfg.tracking.registered_model}-{stage}-generator",
+        {"kid_random-resnet18": best_score, **{k: v for k, v in best_params.items()}},
+    )
+    campaign.end()
+    result = CampaignResult(
+        stage, best_params, best_score, "kid_random-resnet18", checkpoint, trials, version
+    )
+    write_json(out / "campaign.json", result.__dict__)
+    log(f"best {stage} trial: KID {best_score:.4g} with {best_params}; checkpoint {checkpoint}")
+    return result
+
+
+def _campaign_data(pipe, stage: str) -> dict[str, Any]:
+    """The stage's training data from the pipeline's round-1 steps: pix2pix needs the rough masks and the
+    prior, CycleGAN also the 1st generation (so a pix2pix too)."""
+    stack = pipe.run_step("stack", pipe.step_stack)
+    rough = pipe.run_step("round1/rough", pipe.step_rough, stack, 1)
+    prior = pipe.run_step("round1/prior", pipe.step_prior, stack, rough, 1)
+    if stage == "pix2pix":
+        return pipe.pix2pix_data(stack, rough, prior, 1)
+    p2p = pipe.run_step("round1/pix2pix", pipe.step_pix2pix, stack, rough, prior, 1)
+    gen1 = pipe.run_step("round1/gen1", pipe.step_gen, "masks", "gen1", p2p, 1)
+    return pipe.cyclegan_data(stack, gen1)
+
+
+def _make_scheduler(scheduler: str, stage_cfg: Pix2PixConfig | CycleGANConfig):
+    """ASHA over the stage's epochs (no trial cut before two evaluations), or FIFO (all run to the end)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
     epochs = stage_cfg.epochs + stage_cfg.epochs_decay
-    sched = (
+    return (
         ASHAScheduler(
             time_attr="epoch",
             max_t=epochs,
@@ -210,6 +236,26 @@ def run_campaign(
         if scheduler == "asha"
         else FIFOScheduler()
     )
+
+
+def _fit_trials(
+    stage: str,
+    cfg: Config,
+    out: Path,
+    data: dict[str, Any],
+    campaign,
+    space: dict[str, Any],
+    num_samples: int,
+    scheduler: str,
+    max_concurrent: int,
+    driver_cpus: float,
+):
+    """Run the campaign's trials (each a :func:`_trial_driver`) and return Tune's ``ResultGrid``."""
+    from ray import tune
+
+    from tgan_ray.train.driver import put_data, with_worker_cpus
+
+    sched = _make_scheduler(scheduler, getattr(cfg, stage))
     # Each trial's driver takes driver_cpus; its workers share what the concurrent trials leave.
     cfg = with_worker_cpus(cfg, reserved=max_concurrent * driver_cpus, trials=max_concurrent)
     context = {
@@ -234,7 +280,15 @@ def run_campaign(
         ),
         run_config=tune.RunConfig(name=f"tune-{stage}", storage_path=str(out / "tune"), verbose=0),
     )
-    results = tuner.fit()
+    return tuner.fit()
+
+
+def _best_result(results, campaign, stage: str):
+    """The trial result with the lowest score; ends ``campaign`` as FAILED if no trial reported a checkpoint.
+
+    Raises:
+        RuntimeError: no trial reported a scored checkpoint (the first trials' errors are in the message).
+    """
     best = results.get_best_result("score", "min", scope="all")
     if best is None or best.metrics is None or "checkpoint_path" not in best.metrics:
         campaign.end("FAILED")
@@ -242,6 +296,11 @@ def run_campaign(
         raise RuntimeError(
             f"no trial of the {stage} campaign reported a scored checkpoint; errors: {errors[:3]}"
         )
+    return best
+
+
+def _trial_summaries(results) -> list[dict[str, Any]]:
+    """One row per trial: its id, its best score, its error (if any) and its settings."""
     # Each trial's best scored report (Result.metrics is only its last one, which ASHA may have cut short).
     trials = []
     for r in results:
@@ -259,22 +318,7 @@ def run_campaign(
                 **r.config["params"],
             }
         )
-    best_params = dict(best.config["params"])
-    best_score = float(best.metrics["score"])
-    checkpoint = best.metrics["checkpoint_path"]
-    campaign.log_metrics({"best_score": best_score})
-    version = campaign.register_model(
-        Path(checkpoint) / "model.pt",
-        f"{cfg.tracking.registered_model}-{stage}-generator",
-        {"kid_random-resnet18": best_score, **{k: v for k, v in best_params.items()}},
-    )
-    campaign.end()
-    result = CampaignResult(
-        stage, best_params, best_score, "kid_random-resnet18", checkpoint, trials, version
-    )
-    write_json(out / "campaign.json", result.__dict__)
-    log(f"best {stage} trial: KID {best_score:.4g} with {best_params}; checkpoint {checkpoint}")
-    return result
+    return trials
 
 
 def tuned_overrides(campaign_dir: str | Path) -> dict[str, Any]:

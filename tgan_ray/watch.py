@@ -19,41 +19,30 @@ While the endpoint is down or overloaded (connection errors, timeouts, 5xx, 429)
 retried with capped exponential backoff: none is lost. An overloaded server's ``Retry-After`` (seconds or an
 HTTP date, as Serve sends with its 503) is honoured: the next attempt waits at least that long, up to the cap. A frame the endpoint refuses (4xx: not an image,
 too large) is recorded as rejected with its reason and not retried.
+
+The HTTP side (URL, upload, which failures are retried) is in :mod:`tgan_ray.watch_client`, the output folder
+(ledger, CSV, summary, plots) in :mod:`tgan_ray.watch_outputs`; this module polls the folder and runs the loop.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
-import pandas as pd
+from tgan_ray.io.decoders import SUPPORTED_EXTENSIONS
+from tgan_ray.watch_client import FrameRejected, RetryLater, post_frame, segment_url
+from tgan_ray.watch_outputs import WatchOutputs
 
-from tgan_ray.analysis.particles import PARTICLE_COLUMNS
-from tgan_ray.io.readers import SUPPORTED_EXTENSIONS
-
-__all__ = ["WatchResult", "retry_after_s", "segment_url", "watch_folder"]
+__all__ = ["WatchResult", "watch_folder"]
 
 _log = logging.getLogger("tgan_ray.watch")
 
-LEDGER = "sent.json"
-PARTICLES_CSV = "particles.csv"
-SUMMARY_JSON = "running_summary.json"
-PSD_PNG = "psd.png"
-SERIES_PNG = "mean_diameter.png"
-PARTICLES_PARQUET = "particles.parquet"
-FRAME_COLUMNS = ("frame_index", "file", "acquired_at")
 # Names that writers (microscope software, rsync, browsers, editors) use for files still being written.
 _TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".filepart", ".swp", "~")
-_RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 
 
 @dataclass
@@ -77,46 +66,6 @@ class WatchResult:
     out_dir: str = ""
 
 
-class _Retry(Exception):
-    """The endpoint could not take the frame now; try again later (``after_s``: the server's Retry-After)."""
-
-    def __init__(self, reason: str, after_s: float | None = None):
-        super().__init__(reason)
-        self.after_s = after_s
-
-
-def retry_after_s(value: str | None) -> float | None:
-    """A ``Retry-After`` header (RFC 9110: delay-seconds or an HTTP date) as seconds from now; None if absent
-    or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    from email.utils import parsedate_to_datetime
-
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
-class _Rejected(Exception):
-    """The endpoint refused the frame for good."""
-
-
-def segment_url(endpoint: str) -> str:
-    """``http://host:8000`` -> ``http://host:8000/v1/segment``; a URL with a path is used as given."""
-    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"endpoint {endpoint!r} is not an http(s) URL, e.g. http://127.0.0.1:8000")
-    path = parts.path if parts.path not in ("", "/") else "/v1/segment"
-    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
-
-
 def _is_candidate(name: str) -> bool:
     low = name.lower()
     if name.startswith((".", "~")) or low.endswith(_TEMP_SUFFIXES):
@@ -124,220 +73,10 @@ def _is_candidate(name: str) -> bool:
     return os.path.splitext(low)[1] in SUPPORTED_EXTENSIONS
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class _Session:
-    """Output folder state: the ledger, the particle table and the running summary."""
-
-    def __init__(self, out_dir: Path):
-        self.out = out_dir
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.ledger_path = out_dir / LEDGER
-        self.csv_path = out_dir / PARTICLES_CSV
-        try:
-            ledger = json.loads(self.ledger_path.read_text()) if self.ledger_path.is_file() else {}
-        except ValueError:
-            raise ValueError(
-                f"{self.ledger_path} is not a valid watch ledger; move it away to send every frame again"
-            ) from None
-        self.frames: dict[str, dict[str, Any]] = ledger.get("frames", {})
-        self.csv_bytes = int(ledger.get("csv_bytes", 0))
-        self._repair_csv()
-        self.table = self._load_table()
-
-    def _repair_csv(self) -> None:
-        # Rows written after the last ledger update belong to a frame the ledger does not know: cut them, the
-        # frame is sent again. A CSV shorter than the ledger says cannot be repaired by cutting; keep it.
-        if self.csv_path.is_file() and self.csv_path.stat().st_size > self.csv_bytes:
-            with open(self.csv_path, "r+b") as f:
-                f.truncate(self.csv_bytes)
-            _log.warning("cut %s back to the last frame in %s", self.csv_path, self.ledger_path)
-
-    def _load_table(self) -> pd.DataFrame:
-        if self.csv_path.is_file() and self.csv_path.stat().st_size > 0:
-            return pd.read_csv(self.csv_path)
-        return pd.DataFrame(columns=[*FRAME_COLUMNS, *PARTICLE_COLUMNS])
-
-    @property
-    def next_index(self) -> int:
-        return 1 + max((int(f.get("frame_index", -1)) for f in self.frames.values()), default=-1)
-
-    def record(self, rel: str, stat: os.stat_result, response: dict[str, Any]) -> dict[str, Any]:
-        """Append the frame's particles to the CSV, then the frame to the ledger (in that order: see repair)."""
-        index = self.next_index
-        acquired = datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat()
-        rows = pd.DataFrame(response.get("particles") or [], columns=list(PARTICLE_COLUMNS))
-        rows.insert(0, "acquired_at", acquired)
-        rows.insert(0, "file", rel)
-        rows.insert(0, "frame_index", index)
-        new_file = not self.csv_path.is_file() or self.csv_path.stat().st_size == 0
-        with open(self.csv_path, "a", newline="") as f:
-            rows.to_csv(f, header=new_file, index=False)
-            f.flush()
-            os.fsync(f.fileno())
-        self.csv_bytes = self.csv_path.stat().st_size
-        if not rows.empty:
-            self.table = rows if self.table.empty else pd.concat([self.table, rows], ignore_index=True)
-        summary = response.get("summary") or {}
-        entry = {
-            "status": "sent",
-            "frame_index": index,
-            "size": stat.st_size,
-            "mtime": stat.st_mtime,
-            "mtime_ns": stat.st_mtime_ns,
-            "acquired_at": acquired,
-            "sent_at": datetime.now(timezone.utc).isoformat(),
-            "count": summary.get("count"),
-            "mean_diameter": summary.get("mean"),
-            "mean_diameter_ci95": _mean_interval(rows, seed=index),
-            "unit": summary.get("unit"),
-            "pixel_size_nm": response.get("pixel_size_nm"),
-            "model": response.get("model"),
-        }
-        self.frames[rel] = entry
-        self.save_ledger()
-        return entry
-
-    def reject(self, rel: str, stat: os.stat_result, reason: str) -> None:
-        self.frames[rel] = {
-            "status": "rejected",
-            "reason": reason,
-            "size": stat.st_size,
-            "mtime": stat.st_mtime,
-            "mtime_ns": stat.st_mtime_ns,
-        }
-        self.save_ledger()
-
-    def is_done(self, rel: str, size: int, mtime_ns: int) -> bool:
-        """Sent, or rejected in exactly this state. A rejected file that changed since (a writer that paused
-        longer than the settle time, then finished it) is tried again."""
-        entry = self.frames.get(rel)
-        if entry is None:
-            return False
-        if entry.get("status") == "sent":
-            return True
-        return (entry.get("size"), entry.get("mtime_ns")) == (size, mtime_ns)
-
-    def save_ledger(self) -> None:
-        _atomic_write_text(
-            self.ledger_path, json.dumps({"csv_bytes": self.csv_bytes, "frames": self.frames}, indent=1)
-        )
-
-    def write_summary(self) -> dict[str, Any]:
-        """Rewrite running_summary.json, psd.png, mean_diameter.png and particles.parquet from every particle
-        so far."""
-        from tgan_ray.analysis import plot_psd, psd_summary, write_particles_parquet, write_summary
-        from tgan_ray.analysis.plots import plot_mean_series
-
-        table = self.table
-        if not table.empty and table["unit"].nunique() > 1:
-            # A folder mixing calibrated and uncalibrated frames: summarise the latest frame's unit only.
-            unit = table["unit"].iloc[-1]
-            table = table[table["unit"] == unit]
-        sent = {k: v for k, v in self.frames.items() if v.get("status") == "sent"}
-        psd = psd_summary(table, images=sorted(sent))
-        psd.pop("per_image", None)  # the per-frame series below says the same, in acquisition order
-        series = sorted(
-            (
-                {
-                    "frame_index": v["frame_index"],
-                    "file": k,
-                    "acquired_at": v["acquired_at"],
-                    "mtime": v["mtime"],
-                    "count": v.get("count"),
-                    "mean_diameter": v.get("mean_diameter"),
-                    "mean_diameter_ci95": v.get("mean_diameter_ci95"),
-                }
-                for k, v in sent.items()
-            ),
-            key=lambda r: r["frame_index"],
-        )
-        summary = {
-            "frames": len(sent),
-            "rejected": sum(v.get("status") == "rejected" for v in self.frames.values()),
-            "count": psd["count"],
-            "mean_diameter": psd["mean"],
-            "unit": psd["unit"],
-            "drift": _drift(series),
-            "psd": psd,
-            "per_frame": series,
-            "updated_at": datetime.now(timezone.utc).isoformat(),
-        }
-        write_summary(summary, self.out / SUMMARY_JSON)
-        plot_psd(table, psd, self.out / PSD_PNG)
-        plot_mean_series(series, psd["unit"], self.out / SERIES_PNG)
-        write_particles_parquet(self.table, self.out / PARTICLES_PARQUET)
-        return summary
-
-
-def _mean_interval(particles: pd.DataFrame, seed: int) -> list[float] | None:
-    """95% bootstrap interval [low, high] of one frame's mean diameter, resampling its interior particles."""
-    from tgan_ray.analysis.bootstrap import bootstrap_psd
-
-    if particles.empty:
-        return None
-    interior = particles.loc[~particles["touches_border"].astype(bool), "equivalent_diameter"]
-    ci = bootstrap_psd(interior.to_numpy(dtype=float), None, seed=seed, statistics=("mean",))
-    return None if ci is None else [ci["mean"]["low"], ci["mean"]["high"]]
-
-
-def _drift(series: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Linear trend of the per-frame mean diameter, per frame and per minute of acquisition time."""
-    from scipy import stats
-
-    points = [r for r in series if r["mean_diameter"] is not None]
-    if len(points) < 2:
-        return None
-    index = np.array([r["frame_index"] for r in points], float)
-    minutes = np.array([r["mtime"] for r in points], float) / 60.0
-    mean_d = np.array([r["mean_diameter"] for r in points], float)
-    per_frame = stats.linregress(index, mean_d) if np.ptp(index) > 0 else None
-    per_minute = stats.linregress(minutes - minutes.min(), mean_d) if np.ptp(minutes) > 0 else None
-
-    def finite(x: float | None) -> float | None:
-        return float(x) if x is not None and np.isfinite(x) else None
-
-    return {
-        "frames": len(points),
-        "first": float(mean_d[0]),
-        "last": float(mean_d[-1]),
-        "per_frame": finite(per_frame.slope) if per_frame else None,
-        "per_minute": finite(per_minute.slope) if per_minute else None,
-        "r": finite(per_frame.rvalue) if per_frame else None,
-    }
-
-
-def _send(client, url: str, path: Path, rel: str, data: bytes, pixel_size_nm: float | None) -> dict[str, Any]:
-    import httpx
-
-    form = {"pixel_size_nm": str(pixel_size_nm)} if pixel_size_nm else None
-    try:
-        response = client.post(url, files={"file": (path.name, data)}, data=form)
-    except httpx.TransportError as exc:  # refused, reset, timeout, DNS: the endpoint is not there (yet)
-        raise _Retry(f"{type(exc).__name__}: {exc}") from None
-    if response.status_code in _RETRY_STATUSES:
-        raise _Retry(f"HTTP {response.status_code}", retry_after_s(response.headers.get("retry-after")))
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"detail": response.text[:200]}
-    if response.status_code >= 400:
-        raise _Rejected(
-            f"HTTP {response.status_code}: {body.get('detail', '') if isinstance(body, dict) else body}"
-        )
-    if not isinstance(body, dict) or "particles" not in body:
-        raise _Rejected(f"unexpected response for {rel}: not a segmentation result")
-    return body
-
-
 class _Watcher:
     """The poll loop's state: which files are settling, when the next attempt may go, what this run did."""
 
-    def __init__(self, root: Path, session: _Session, url: str, settle_s: float, recursive: bool, say):
+    def __init__(self, root: Path, session: WatchOutputs, url: str, settle_s: float, recursive: bool, say):
         self.root, self.session, self.url, self.settle_s, self.recursive, self.say = (
             root,
             session,
@@ -393,8 +132,8 @@ class _Watcher:
         if len(data) != st.st_size or (st.st_size, st.st_mtime_ns) != self.seen[rel][:2]:
             return True  # it changed after all: it has to settle again
         try:
-            response = _send(client, self.url, path, rel, data, pixel_size_nm)
-        except _Retry as exc:
+            response = post_frame(client, self.url, path, rel, data, pixel_size_nm)
+        except RetryLater as exc:
             self.backoff = min(max(self.backoff * 2, retry[0]), retry[1])
             wait, why = self.backoff, ""
             if exc.after_s is not None and exc.after_s > wait:  # the server knows best, within our cap
@@ -403,7 +142,7 @@ class _Watcher:
             self.result.retries += 1
             self.say(f"endpoint unavailable ({exc}); retrying {rel} in {wait:.1f} s{why}")
             return False
-        except _Rejected as exc:
+        except FrameRejected as exc:
             self.session.reject(rel, st, str(exc))
             self.result.rejected[rel] = str(exc)
             self.say(f"rejected {rel}: {exc}")
@@ -462,7 +201,7 @@ def watch_folder(
     if not root.is_dir():
         raise NotADirectoryError(f"watch folder not found: {root}")
     url = segment_url(endpoint)
-    session = _Session(Path(out_dir) if out_dir is not None else root / "tgan-watch")
+    session = WatchOutputs(Path(out_dir) if out_dir is not None else root / "tgan-watch")
     watcher = _Watcher(root, session, url, interval if settle_s is None else settle_s, recursive, say)
     result = watcher.result
     start = time.monotonic()

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from tgan_ray.config import StorageConfig
-from tgan_ray.io.readers import DEFAULT_MAX_PIXELS, SUPPORTED_EXTENSIONS, EMImage, ImageReadError, read_image
+from tgan_ray.io.decoders import SUPPORTED_EXTENSIONS, ImageReadError
+from tgan_ray.io.readers import DEFAULT_MAX_PIXELS, EMImage, read_image
 from tgan_ray.io.storage import StorageNotFoundError, is_s3, list_files
 
 _SHOWN_FAILURES = 5  # failures named in a message; the rest are counted

@@ -1,8 +1,10 @@
-"""One storage layer for local paths and ``s3://`` URIs (AWS S3, MinIO, Ceph, moto).
+"""One storage layer for local paths and ``s3://`` URIs (AWS S3, MinIO, Ceph, moto): read, write, list, copy.
 
 Every function takes a plain path or an ``s3://bucket/key`` URI and an optional :class:`StorageConfig`
 (endpoint, region). Credentials come only from the standard AWS chain (env, profile, instance role) and never
-appear in an error message.
+appear in an error message. The S3 client and its error messages live in :mod:`tgan_ray.io.s3`; the errors and
+URI helpers (:func:`is_s3`, :func:`join`, ...) in :mod:`tgan_ray.io.uris`, and are passed on from here so that
+callers need one namespace (``from tgan_ray.io import storage as st``).
 
     check_access("s3://em-data/stack1/", cfg.storage)   # fail in seconds, with one clear line
     for uri in list_files("s3://em-data/stack1/", cfg.storage, exts=["tif", "dm4"]):
@@ -11,230 +13,45 @@ appear in an error message.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import functools
 import glob
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import urlparse
 
 from tgan_ray.config import StorageConfig
+from tgan_ray.io.s3 import (
+    is_not_found,
+    is_object,
+    pyarrow_filesystem,
+    s3_client,
+    to_storage_error,
+    translate_s3_errors,
+)
+from tgan_ray.io.uris import StorageError, StorageNotFoundError, is_s3, join, split_s3
 from tgan_ray.messages import one_line
 
-# Short timeouts and two attempts: a wrong endpoint must fail in seconds, not after botocore's default minutes.
-CONNECT_TIMEOUT_S = 5
-READ_TIMEOUT_S = 60
-MAX_ATTEMPTS = 2
+__all__ = [
+    "StorageError",
+    "StorageNotFoundError",
+    "cache_root",
+    "check_access",
+    "download_to",
+    "exists",
+    "is_s3",
+    "join",
+    "list_files",
+    "list_sizes",
+    "pyarrow_filesystem",
+    "read_bytes",
+    "split_s3",
+    "upload_file",
+    "write_bytes",
+]
+
 _GLOB_CHARS = "*?["
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
-
-
-class StorageError(RuntimeError):
-    """A storage operation failed; the one-line message names the URI (never the credentials)."""
-
-
-class StorageNotFoundError(StorageError, FileNotFoundError):
-    """The file, object or bucket does not exist."""
-
-
-# ---------------------------------------------------------------------------------------------- URIs
-
-
-def is_s3(uri: str | os.PathLike) -> bool:
-    """True for ``s3://`` URIs (also ``s3a://``/``s3n://`` as Spark writes them)."""
-    return str(uri).lower().startswith(("s3://", "s3a://", "s3n://"))
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b.tif`` -> ``("bucket", "a/b.tif")``; the key may be empty.
-
-    Raises:
-        StorageError: not an s3:// URI or no bucket name.
-    """
-    if not is_s3(uri):
-        raise StorageError(f"not an s3:// URI: {uri}")
-    rest = str(uri).split("://", 1)[1]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise StorageError(f"S3 URI has no bucket name: {uri}")
-    return bucket, key
-
-
-def join(base: str | os.PathLike, *parts: str) -> str:
-    """Join path parts under a local folder or an S3 prefix, with exactly one ``/`` between parts."""
-    base = str(base)
-    if not is_s3(base):
-        return os.path.join(base, *parts)
-    pieces = [base.rstrip("/")] + [p.strip("/") for p in parts if p and p.strip("/")]
-    return "/".join(pieces)
-
-
-# ---------------------------------------------------------------------------------------------- clients
-
-
-def resolve_endpoint(storage: StorageConfig | None = None) -> str | None:
-    """The S3 endpoint: config, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else None (AWS itself)."""
-    endpoint = (storage.s3_endpoint_url if storage else None) or (
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    )
-    if endpoint and "://" not in endpoint:
-        raise StorageError(
-            f"S3 endpoint {endpoint!r} has no scheme: write http://{endpoint} or https://{endpoint}"
-        )
-    return endpoint
-
-
-def resolve_region(storage: StorageConfig | None = None) -> str:
-    """The S3 region: config, else ``AWS_DEFAULT_REGION`` / ``AWS_REGION``, else us-east-1."""
-    return (
-        (storage.s3_region if storage else None)
-        or os.environ.get("AWS_DEFAULT_REGION")
-        or os.environ.get("AWS_REGION")
-        or "us-east-1"
-    )
-
-
-def _credential_env() -> tuple[str | None, ...]:
-    # Part of the client cache key, so a changed credential env (tests, key rotation) gets a fresh client.
-    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
-    return tuple(os.environ.get(n) for n in names)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_client(endpoint: str | None, region: str, _creds: tuple):
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=READ_TIMEOUT_S,
-        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-        # Custom endpoints (MinIO, Ceph, moto) rarely have wildcard DNS for virtual-hosted bucket names.
-        s3={"addressing_style": "path" if endpoint else "auto"},
-    )
-    # A fresh Session per client: boto3's default session is not thread-safe.
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
-
-
-def s3_client(storage: StorageConfig | None = None):
-    """A boto3 S3 client for the configured endpoint and region (cached, thread-safe).
-
-    Args:
-        storage: endpoint and region; None uses the environment (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``).
-
-    Returns:
-        ``botocore`` S3 client with short connect timeouts and two attempts.
-    """
-    return _cached_client(resolve_endpoint(storage), resolve_region(storage), _credential_env())
-
-
-def pyarrow_filesystem(storage: StorageConfig | None = None):
-    """A ``pyarrow.fs.S3FileSystem`` on the same endpoint, region and credentials as :func:`s3_client`.
-
-    Pass it as Ray Train's ``RunConfig(storage_filesystem=...)`` or to Ray Data readers (``filesystem=``),
-    with paths written as ``bucket/key`` (no ``s3://``).
-    """
-    from pyarrow import fs
-
-    kwargs: dict = {
-        "region": resolve_region(storage),
-        "connect_timeout": CONNECT_TIMEOUT_S,
-        "request_timeout": READ_TIMEOUT_S,
-        "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
-    }
-    endpoint = resolve_endpoint(storage)
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
-    # boto3 resolves the whole credential chain (env, profile, SSO); pyarrow's own chain differs in places.
-    import boto3
-
-    creds = boto3.session.Session().get_credentials()
-    if creds is not None:
-        frozen = creds.get_frozen_credentials()
-        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
-        if frozen.token:
-            kwargs["session_token"] = frozen.token
-    return fs.S3FileSystem(**kwargs)
-
-
-def _endpoint_label(storage: StorageConfig | None) -> str:
-    try:
-        return resolve_endpoint(storage) or "AWS default endpoint"
-    except StorageError:
-        return "invalid endpoint"
-
-
-def _s3_error(exc: Exception, uri: str, storage: StorageConfig | None) -> StorageError:
-    """Turn a botocore exception into one StorageError line that says what to fix."""
-    from botocore import exceptions as bx
-
-    endpoint = _endpoint_label(storage)
-    if isinstance(exc, bx.NoCredentialsError):
-        return StorageError(
-            f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile"
-        )
-    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
-        reason = "timed out" if isinstance(exc, bx.ConnectTimeoutError) else _connection_reason(exc)
-        return StorageError(f"cannot reach S3 endpoint {endpoint}: {reason}")
-    if isinstance(exc, bx.ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", "")) or "unknown"
-        bucket = split_s3(uri)[0]
-        if code == "NoSuchBucket":
-            return StorageNotFoundError(f"S3 bucket '{bucket}' does not exist (endpoint {endpoint})")
-        if code in ("NoSuchKey", "404", "NotFound"):
-            return StorageNotFoundError(f"no such S3 object: {uri}")
-        if code in _CREDENTIAL_CODES:
-            return StorageError(f"S3 credentials rejected for {uri}: {code}")
-        if code in ("AccessDenied", "403", "Forbidden"):
-            return StorageError(f"S3 access denied for {uri}: {code} (check the IAM / bucket policy)")
-        message = exc.response.get("Error", {}).get("Message", "")
-        return StorageError(one_line(f"S3 error on {uri} (endpoint {endpoint}): {code} {message}", 200))
-    if isinstance(exc, bx.BotoCoreError):
-        return StorageError(one_line(f"S3 error on {uri} (endpoint {endpoint}): {exc}", 200))
-    return StorageError(one_line(f"S3 error on {uri}: {type(exc).__name__}: {exc}", 200))
-
-
-def _connection_reason(exc: Exception) -> str:
-    text = str(exc).lower() + " " + str(getattr(exc, "kwargs", {}).get("error", "")).lower()
-    if "refused" in text:
-        return "connection refused"
-    if "name or service not known" in text or "nodename nor servname" in text or "resolve" in text:
-        return "host name not found"
-    if "timed out" in text or "timeout" in text:
-        return "timed out"
-    return "connection failed"
-
-
-@contextlib.contextmanager
-def _s3_errors(uri: str, storage: StorageConfig | None):
-    """Re-raise any botocore error inside the block as one StorageError line naming ``uri``."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        yield
-    except (BotoCoreError, ClientError) as exc:
-        raise _s3_error(exc, uri, storage) from None
-
-
-def _is_missing(exc: Exception) -> bool:
-    return getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
-
-
-def _is_object(client, bucket: str, key: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as exc:
-        if _is_missing(exc):
-            return False
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- read / write
@@ -259,7 +76,7 @@ def read_bytes(uri: str | os.PathLike, storage: StorageConfig | None = None) -> 
         except OSError as exc:
             raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from None
     bucket, key = split_s3(uri)
-    with _s3_errors(uri, storage):
+    with translate_s3_errors(uri, storage):
         return s3_client(storage).get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
@@ -271,7 +88,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes, storage: StorageConfig | No
     uri = str(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        with _s3_errors(uri, storage):
+        with translate_s3_errors(uri, storage):
             s3_client(storage).put_object(Bucket=bucket, Key=key, Body=data)
         return
     _atomic_local_write(uri, lambda f: f.write(data))
@@ -303,16 +120,16 @@ def exists(uri: str | os.PathLike, storage: StorageConfig | None = None) -> bool
         return os.path.exists(uri)
     bucket, key = split_s3(uri)
     client = s3_client(storage)
-    with _s3_errors(uri, storage):
+    with translate_s3_errors(uri, storage):
         if not key:  # the bucket itself, which may be empty
             try:
                 client.head_bucket(Bucket=bucket)
                 return True
             except Exception as exc:
-                if _is_missing(exc):
+                if is_not_found(exc):
                     return False
                 raise
-        if not key.endswith("/") and _is_object(client, bucket, key):
+        if not key.endswith("/") and is_object(client, bucket, key):
             return True
         return (
             client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1).get("KeyCount", 0)
@@ -334,7 +151,7 @@ def download_to(
     client = s3_client(storage)
 
     def fetch(f) -> None:
-        with _s3_errors(uri, storage):
+        with translate_s3_errors(uri, storage):
             client.download_fileobj(bucket, key, f)
 
     _atomic_local_write(local_path, fetch)
@@ -360,11 +177,11 @@ def upload_file(
     from boto3.exceptions import S3UploadFailedError
 
     try:
-        with _s3_errors(uri, storage):
+        with translate_s3_errors(uri, storage):
             s3_client(storage).upload_file(local_path, bucket, key)
     except S3UploadFailedError as exc:  # boto3's transfer manager wraps the client error
         cause = exc.__cause__ or exc.__context__
-        raise (_s3_error(cause, uri, storage) if cause else StorageError(one_line(exc, 200))) from None
+        raise (to_storage_error(cause, uri, storage) if cause else StorageError(one_line(exc, 200))) from None
     return uri
 
 
@@ -436,8 +253,8 @@ def _list_s3(
     else:
         prefix = key.rstrip("/") + "/" if key else ""
     client = s3_client(storage)
-    with _s3_errors(spec, storage):
-        if pattern is None and key and not key.endswith("/") and _is_object(client, bucket, key):
+    with translate_s3_errors(spec, storage):
+        if pattern is None and key and not key.endswith("/") and is_object(client, bucket, key):
             return [spec] if _has_ext(key, wanted) else []
         kwargs = {"Bucket": bucket, "Prefix": prefix, "PaginationConfig": {"PageSize": page_size}}
         if not recursive:
@@ -462,7 +279,7 @@ def list_sizes(prefix: str, storage: StorageConfig | None = None) -> dict[str, i
     """Every object under the S3 ``prefix`` (a folder), by path relative to it, with its size in bytes."""
     bucket, key = split_s3(prefix)
     key = key.rstrip("/") + "/" if key else ""
-    with _s3_errors(prefix, storage):
+    with translate_s3_errors(prefix, storage):
         pages = s3_client(storage).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
         return {
             obj["Key"][len(key) :]: int(obj["Size"])
@@ -507,6 +324,6 @@ def check_access(uri: str | os.PathLike, storage: StorageConfig | None = None) -
             raise StorageError(f"cannot create {uri}: {parent} is not a writable folder")
         return
     bucket, key = split_s3(uri)
-    with _s3_errors(uri, storage):
+    with translate_s3_errors(uri, storage):
         # A GET (not HEAD) so that S3 returns an error code in the body: NoSuchBucket vs InvalidAccessKeyId.
         s3_client(storage).list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)

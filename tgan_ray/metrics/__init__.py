@@ -16,13 +16,15 @@ from tgan_ray.metrics.segmentation import (
     segmentation_scores,
 )
 
-_GAN_EXPORTS = (
+_GAN_EXTRACTOR_EXPORTS = (
     "EXTRACTORS",
-    "GANMetricWarning",
     "MissingWeightsError",
     "RandomResNetFeatures",
     "build_feature_extractor",
     "extractor_label",
+)
+_GAN_SCORE_EXPORTS = (
+    "GANMetricWarning",
     "fid_from_features",
     "image_quality",
     "is_from_logits",
@@ -40,12 +42,17 @@ __all__ = [
     "particle_iou",
     "pixel_accuracy",
     "segmentation_scores",
-    *_GAN_EXPORTS,
+    *_GAN_EXTRACTOR_EXPORTS,
+    *_GAN_SCORE_EXPORTS,
 ]
 
 
 def __getattr__(name: str):
-    if name in _GAN_EXPORTS:
+    if name in _GAN_EXTRACTOR_EXPORTS:
+        from tgan_ray.metrics import gan_extractors
+
+        return getattr(gan_extractors, name)
+    if name in _GAN_SCORE_EXPORTS:
         from tgan_ray.metrics import gan
 
         return getattr(gan, name)

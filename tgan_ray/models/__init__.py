@@ -11,9 +11,9 @@ from typing import Any
 
 from tgan_ray.models.base import GANModel, linear_decay_factor
 from tgan_ray.models.cyclegan import CycleGANModel
+from tgan_ray.models.image_pool import ImagePool
 from tgan_ray.models.losses import GANLoss, SegmentationLoss
 from tgan_ray.models.networks import (
-    ImagePool,
     PatchGANDiscriminator,
     count_batchnorm,
     define_discriminator,

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from tgan_ray.models.base import GANModel, require_keys
+from tgan_ray.models.image_pool import ImagePool
 from tgan_ray.models.losses import GANLoss
-from tgan_ray.models.networks import ImagePool, define_discriminator, define_generator
+from tgan_ray.models.networks import define_discriminator, define_generator
 
 if TYPE_CHECKING:
     from tgan_ray.config import CycleGANConfig

@@ -1,8 +1,9 @@
-"""Network builders for the GANs: U-Net++ generator, PatchGAN / U-Net++ discriminators, init, image pool.
+"""Network builders for the GANs: U-Net++ generator, PatchGAN / U-Net++ discriminators and their helpers.
 
 Layout follows the pix2pix/CycleGAN reference (junyanz/pytorch-CycleGAN-and-pix2pix ``models/networks.py``):
 helpers, then ``define_generator`` / ``define_discriminator`` chosen by string, then the architectures.
-The U-Net++ networks come from segmentation-models-pytorch (smp); nothing here forks smp.
+The U-Net++ networks come from segmentation-models-pytorch (smp), built by ``smp_builder.py``; nothing here forks
+smp. The GAN loss lives in ``losses.py`` and CycleGAN's image history in ``image_pool.py``.
 
 DDP note: every discriminator is free of BatchNorm. A BatchNorm network that runs forward(real) and forward(fake)
 before one backward fails under DistributedDataParallel ("modified by an inplace operation", pytorch #22095),
@@ -12,21 +13,18 @@ because DDP re-broadcasts the running statistics in place at each forward.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 from torch.nn import init
 
+from tgan_ray.models.smp_builder import build_smp_model
+
 __all__ = [
     "DISCRIMINATORS",
-    "ImagePool",
     "NoiseInput",
     "PatchGANDiscriminator",
-    "build_smp_model",
     "count_batchnorm",
     "define_discriminator",
     "define_generator",
@@ -34,8 +32,6 @@ __all__ = [
     "replace_batchnorm",
     "unwrap_model",
 ]
-
-_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -59,101 +55,6 @@ def unwrap_model(net: nn.Module) -> nn.Module:
             net = net._orig_mod
         else:
             return net
-
-
-def _read_encoder_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder_weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            # weights_only: a weights file must never run code when it is read.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any read failure becomes one line naming the file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"encoder_weights file {path} is not a readable state dict: {first}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"encoder_weights file {path} holds no state dict of tensors")
-    # Accept an encoder saved alone or cut from a whole smp model / DDP checkpoint.
-    for prefix in ("module.", "encoder."):
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def build_smp_model(
-    arch: str,
-    encoder: str,
-    encoder_weights: str | None,
-    in_channels: int,
-    classes: int,
-    **kwargs,
-) -> nn.Module:
-    """Build an smp model, loading encoder weights offline-safely.
-
-    Args:
-        arch: smp architecture name (``"unetplusplus"``, ``"unet"``, ``"deeplabv3plus"``, ...).
-        encoder: smp encoder name (``"resnet34"``).
-        encoder_weights: ``None`` (random init, no network access), an smp weights name such as ``"imagenet"``
-            (downloaded; fails with a one-line error when offline), or a path to a local state dict
-            (``.pth``/``.pt``/``.safetensors``) of the encoder, 3-channel (ImageNet) or ``in_channels``-channel.
-        in_channels: Input channels (1 for EM images).
-        classes: Output channels.
-        **kwargs: Passed on to the smp model (``decoder_channels``, ``activation``, ...).
-
-    Returns:
-        The smp model.
-    """
-    is_path = encoder_weights is not None and (
-        str(encoder_weights).endswith(_WEIGHT_SUFFIXES) or Path(str(encoder_weights)).is_file()
-    )
-    if encoder_weights is None or is_path:
-        state = _read_encoder_state_dict(Path(str(encoder_weights))) if is_path else None
-        # The first 4-D tensor is the stem convolution: its input width tells an ImageNet (3-channel) file apart.
-        file_in = (
-            next((v.shape[1] for v in state.values() if v.ndim == 4), in_channels) if state else in_channels
-        )
-        if file_in not in (in_channels, 3):
-            raise ValueError(
-                f"encoder_weights file {encoder_weights} has a {file_in}-channel stem; need {in_channels} or 3"
-            )
-        model = smp.create_model(
-            arch, encoder_name=encoder, encoder_weights=None, in_channels=file_in, classes=classes, **kwargs
-        )
-        if state is not None:
-            try:
-                model.encoder.load_state_dict(state)
-            except RuntimeError as exc:
-                first = str(exc).strip().splitlines()[0]
-                raise ValueError(
-                    f"encoder_weights file {encoder_weights} does not fit encoder {encoder!r}: {first}"
-                ) from None
-        if file_in != in_channels:
-            # smp's own way to adapt a pretrained RGB stem to other channel counts (it reuses the weights).
-            model.encoder.set_in_channels(in_channels, pretrained=True)
-            if isinstance(getattr(model, "_hub_mixin_config", None), dict):
-                model._hub_mixin_config["in_channels"] = in_channels  # keeps save/load rebuilds right
-        return model
-    try:
-        return smp.create_model(
-            arch,
-            encoder_name=encoder,
-            encoder_weights=encoder_weights,
-            in_channels=in_channels,
-            classes=classes,
-            **kwargs,
-        )
-    except Exception as exc:  # download errors come in many types (OSError, HTTP, hub errors)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeError(
-            f"could not load encoder_weights={encoder_weights!r} for encoder {encoder!r} "
-            f"({type(exc).__name__}: {first[:200]}); offline? pass a local .pth state dict path instead"
-        ) from None
 
 
 def replace_batchnorm(net: nn.Module, max_groups: int = 32) -> nn.Module:
@@ -388,58 +289,3 @@ def define_discriminator(
         raise KeyError(f"unknown discriminator {kind!r}; choose one of: {', '.join(DISCRIMINATORS)}")
     net = DISCRIMINATORS[kind](in_channels, width, n_layers, encoder)
     return init_weights(net, init_type, gain=init_gain)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Image history (CycleGAN)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class ImagePool:
-    """History of generated images shown to a discriminator (Shrivastava et al. 2017, used by CycleGAN).
-
-    Until the pool is full every image is stored and returned. After that, each image is, with probability 1/2,
-    swapped for a random stored one (which is returned), and otherwise returned as is.
-
-    Args:
-        pool_size: Images kept; 0 disables the pool (``query`` returns its input).
-        seed: Seed of the pool's own random generator, so runs repeat.
-    """
-
-    def __init__(self, pool_size: int = 50, seed: int | None = None):
-        if pool_size < 0:
-            raise ValueError(f"pool_size must be >= 0, got {pool_size}")
-        self.pool_size = pool_size
-        self.images: list[torch.Tensor] = []
-        self._rng = random.Random(seed)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def query(self, images: torch.Tensor) -> torch.Tensor:
-        """Mix a batch of generated images with the history.
-
-        Args:
-            images: Generated images; they are detached before storing.
-
-        Returns:
-            A batch of the same shape and dtype, detached from any graph.
-
-        Shape:
-            (N, C, H, W) -> (N, C, H, W).
-        """
-        images = images.detach()
-        if self.pool_size == 0:
-            return images
-        out = []
-        for image in images:
-            if len(self.images) < self.pool_size:
-                self.images.append(image.clone())
-                out.append(image)
-            elif self._rng.random() > 0.5:
-                idx = self._rng.randrange(self.pool_size)
-                out.append(self.images[idx].to(image.dtype))
-                self.images[idx] = image.clone()
-            else:
-                out.append(image)
-        return torch.stack(out, 0)

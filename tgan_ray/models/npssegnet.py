@@ -17,7 +17,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from tgan_ray.models.networks import build_smp_model, unwrap_model
+from tgan_ray.models.networks import unwrap_model
+from tgan_ray.models.smp_builder import build_smp_model
 
 __all__ = ["SEGMENTER_ARCHS", "create_segmenter", "load_segmenter", "predict_proba", "save_segmenter"]
 

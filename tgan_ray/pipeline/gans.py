@@ -20,9 +20,10 @@ class GANSteps:
         return self.cfg.data.seed + 1000 * rnd
 
     def step_prior(self, stack: dict, rough: dict, rnd: int) -> dict[str, Any]:
-        from tgan_ray.generate import pair_paths
+        from tgan_ray.generate_actor import pair_paths
         from tgan_ray.io import write_mask_png
-        from tgan_ray.masks.prior import MorphologyPrior, compare_to_prior, sample_capped_mask_at
+        from tgan_ray.masks.prior import MorphologyPrior, compare_to_prior
+        from tgan_ray.masks.sampling import sample_capped_mask_at
 
         masks = [load_mask(Path(rough["folder"]) / f"{s}.png") for s in stack["subset1"]]
         folder = self.run_dir / f"round{rnd}"
@@ -198,7 +199,8 @@ class GANSteps:
         import pandas as pd
         import torch
 
-        from tgan_ray.metrics.gan import build_feature_extractor, image_quality
+        from tgan_ray.metrics.gan import image_quality
+        from tgan_ray.metrics.gan_extractors import build_feature_extractor
 
         virtual = Path(gen2["out"])
         rows = pd.read_parquet(gen2["manifest"])  # every generated pair, by index

@@ -20,76 +20,20 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
             segment_stack measured on them (Parquet).
         rnd: the last round (its samples are shown).
     """
-    from PIL import Image
-
-    from tgan_ray.analysis.particles import PARTICLE_COLUMNS
-    from tgan_ray.analysis.plots import plot_overlay, plot_psd, plot_shapes
-    from tgan_ray.analysis.psd import psd_summary, write_summary
-    from tgan_ray.analysis.report import write_particles_csv, write_particles_parquet, write_report
-    from tgan_ray.io import read_mask_png
+    from tgan_ray.analysis.report import write_report
 
     run_dir: Path = pipe.run_dir
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    df = _stack_particles(masks["particles_table"], [f["stem"] for f in stack["frames"]], PARTICLE_COLUMNS)
-    units = {f["pixel_size_nm"] is not None for f in stack["frames"]}
-    if len(units) > 1:
-        pipe.log(
-            "   warning: some images have a pixel size and some do not; give --pixel-size-nm to report all in nm"
-        )
-    images = pd.read_parquet(masks["images_table"]).set_index("image")
-    if "uncertainty" in images:  # the frames to check by eye: each particle carries its frame's uncertainty
-        df["image_uncertainty"] = df["image"].map(images["uncertainty"]).round(4)
-    write_particles_csv(df, run_dir / "particles.csv")
-    write_particles_parquet(df, run_dir / "particles.parquet")
-    summary = psd_summary(df, images=[f["stem"] for f in stack["frames"]])
-    check = pipe.manifest.outputs("selfcheck") if pipe.manifest.done("selfcheck") else None
-    if check:
-        summary["self_check"] = check
-    if "lead" in images:  # merge_rough: the frames where NPsSegNet missed most of the rough particles
-        from tgan_ray.analysis.selfcheck import LEAD_ROUGH
-
-        summary["frames_led_by_rough"] = sorted(images.index[images["lead"] == LEAD_ROUGH])
-    write_summary(summary, run_dir / "summary.json")
-
-    figures = {
-        "Particle size distribution with lognormal fit": plot_psd(df, summary, plots / "psd.png"),
-        "Particle shape": plot_shapes(df, plots / "shapes.png"),
-    }
-    for frame in stack["frames"][: pipe.cfg.run.report_overlays]:
-        image = pipe.work_frame(frame["stem"])
-        mask = read_mask_png(Path(masks["folder"]) / f"{frame['stem']}.png")
-        mask_small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.shape[::-1])) > 127
-        figures[f"Masks on {frame['stem']}"] = plot_overlay(
-            image, mask_small, plots / f"overlay_{frame['stem']}.png", frame["stem"]
-        )
-    figures["Samples: real | rough mask | random mask | 1st generation | 2nd generation"] = _sample_grid(
-        pipe, stack, rnd, plots
-    )
-
-    stage_rows = []
-    for step, info in pipe.manifest.data["steps"].items():
-        metrics = info.get("outputs", {}).get("metrics", {})
-        row = {"step": step, "seconds": info.get("seconds")}
-        row.update({k: v for k, v in metrics.items() if k.startswith("val/") and "std" not in k})
-        stage_rows.append(row)
-    ks = json.loads((run_dir / f"round{rnd}" / "prior_ks.json").read_text())
-    per_image = pd.DataFrame(
-        [{"image": k, "particles": v} for k, v in (summary.get("per_image_counts") or {}).items()]
-    )
+    df, images = _write_particle_tables(pipe, stack, masks)
+    summary, check = _write_summary(pipe, df, stack, images)
+    figures = _report_figures(pipe, df, summary, stack, masks, rnd, plots)
     report = write_report(
         run_dir,
         f"tgan-ray report: {Path(str(pipe.images)).name or pipe.images}",
         summary,
         figures,
-        tables={
-            **_self_check_tables(check, images),
-            "Particles per image": per_image,
-            "Steps": pd.DataFrame(stage_rows),
-            "Sampled masks vs morphology prior (KS distance, lower is closer)": pd.DataFrame(
-                [{"feature": k, "ks": v} for k, v in ks.items()]
-            ),
-        },
+        tables=_report_tables(pipe, rnd, summary, check, images),
         extra={
             "images": pipe.images,
             "frames": len(stack["frames"]),
@@ -105,6 +49,92 @@ def build_report(pipe, stack: dict, masks: dict, rnd: int) -> dict[str, Any]:
         pipe.tracker.log_artifact(path, "report")
     pipe.log(f"   {summary.get('count')} particles; report: {report}")
     return {"report": str(report), "summary": summary, "csv": str(run_dir / "particles.csv")}
+
+
+def _write_particle_tables(pipe, stack: dict, masks: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """particles.csv / .parquet of the stack's frames; returns them and the segment step's per-image table."""
+    from tgan_ray.analysis.particles import PARTICLE_COLUMNS
+    from tgan_ray.analysis.report import write_particles_csv, write_particles_parquet
+
+    run_dir: Path = pipe.run_dir
+    df = _stack_particles(masks["particles_table"], [f["stem"] for f in stack["frames"]], PARTICLE_COLUMNS)
+    units = {f["pixel_size_nm"] is not None for f in stack["frames"]}
+    if len(units) > 1:
+        pipe.log(
+            "   warning: some images have a pixel size and some do not; give --pixel-size-nm to report all in nm"
+        )
+    images = pd.read_parquet(masks["images_table"]).set_index("image")
+    if "uncertainty" in images:  # the frames to check by eye: each particle carries its frame's uncertainty
+        df["image_uncertainty"] = df["image"].map(images["uncertainty"]).round(4)
+    write_particles_csv(df, run_dir / "particles.csv")
+    write_particles_parquet(df, run_dir / "particles.parquet")
+    return df, images
+
+
+def _write_summary(pipe, df: pd.DataFrame, stack: dict, images: pd.DataFrame) -> tuple[dict, dict | None]:
+    """summary.json: the PSD summary plus the self-check's outputs; returns it and the self-check (or None)."""
+    from tgan_ray.analysis.psd import psd_summary, write_summary
+
+    summary = psd_summary(df, images=[f["stem"] for f in stack["frames"]])
+    check = pipe.manifest.outputs("selfcheck") if pipe.manifest.done("selfcheck") else None
+    if check:
+        summary["self_check"] = check
+    if "lead" in images:  # merge_rough: the frames where NPsSegNet missed most of the rough particles
+        from tgan_ray.analysis.selfcheck import LEAD_ROUGH
+
+        summary["frames_led_by_rough"] = sorted(images.index[images["lead"] == LEAD_ROUGH])
+    write_summary(summary, pipe.run_dir / "summary.json")
+    return summary, check
+
+
+def _report_figures(
+    pipe, df: pd.DataFrame, summary: dict, stack: dict, masks: dict, rnd: int, plots: Path
+) -> dict[str, Path]:
+    """The report's figures, by caption: PSD, shapes, mask overlays on the first frames and the sample grid."""
+    from PIL import Image
+
+    from tgan_ray.analysis.plots import plot_overlay, plot_psd, plot_shapes
+    from tgan_ray.io import read_mask_png
+
+    figures = {
+        "Particle size distribution with lognormal fit": plot_psd(df, summary, plots / "psd.png"),
+        "Particle shape": plot_shapes(df, plots / "shapes.png"),
+    }
+    for frame in stack["frames"][: pipe.cfg.run.report_overlays]:
+        image = pipe.work_frame(frame["stem"])
+        mask = read_mask_png(Path(masks["folder"]) / f"{frame['stem']}.png")
+        mask_small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.shape[::-1])) > 127
+        figures[f"Masks on {frame['stem']}"] = plot_overlay(
+            image, mask_small, plots / f"overlay_{frame['stem']}.png", frame["stem"]
+        )
+    figures["Samples: real | rough mask | random mask | 1st generation | 2nd generation"] = _sample_grid(
+        pipe, stack, rnd, plots
+    )
+    return figures
+
+
+def _report_tables(
+    pipe, rnd: int, summary: dict, check: dict | None, images: pd.DataFrame
+) -> dict[str, pd.DataFrame]:
+    """The report's tables, by title: self-check, particles per image, steps and the prior's KS distances."""
+    stage_rows = []
+    for step, info in pipe.manifest.data["steps"].items():
+        metrics = info.get("outputs", {}).get("metrics", {})
+        row = {"step": step, "seconds": info.get("seconds")}
+        row.update({k: v for k, v in metrics.items() if k.startswith("val/") and "std" not in k})
+        stage_rows.append(row)
+    ks = json.loads((pipe.run_dir / f"round{rnd}" / "prior_ks.json").read_text())
+    per_image = pd.DataFrame(
+        [{"image": k, "particles": v} for k, v in (summary.get("per_image_counts") or {}).items()]
+    )
+    return {
+        **_self_check_tables(check, images),
+        "Particles per image": per_image,
+        "Steps": pd.DataFrame(stage_rows),
+        "Sampled masks vs morphology prior (KS distance, lower is closer)": pd.DataFrame(
+            [{"feature": k, "ks": v} for k, v in ks.items()]
+        ),
+    }
 
 
 def _self_check_tables(check: dict | None, images: pd.DataFrame) -> dict[str, pd.DataFrame]:

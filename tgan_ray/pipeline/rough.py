@@ -64,7 +64,7 @@ class RoughStep:
         from skimage.segmentation import clear_border
 
         from tgan_ray.masks import ClassicalSegmenter
-        from tgan_ray.masks.rough import cut_touching
+        from tgan_ray.masks.particle_labels import cut_touching
 
         r = self.cfg.rough
         strict = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, r.confidence)

@@ -71,7 +71,7 @@ class SegmentSteps:
         from tgan_ray.analysis import selfcheck
         from tgan_ray.inference import Segmenter
         from tgan_ray.masks import ClassicalSegmenter
-        from tgan_ray.masks.rough import cut_touching
+        from tgan_ray.masks.particle_labels import cut_touching
 
         rough = self.manifest.outputs("round1/rough")
         settings = rough.get("settings") or {}

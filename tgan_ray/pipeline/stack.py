@@ -18,7 +18,7 @@ class StackStep:
         from tgan_ray.data.splits import split_stack
         from tgan_ray.data.working import to_working, working_scale
         from tgan_ray.io import list_stack, load_stack
-        from tgan_ray.masks.rough import MIN_FRAME_PX
+        from tgan_ray.masks.classical import MIN_FRAME_PX
         from tgan_ray.segment import unique_stems
 
         d = self.cfg.data
@@ -94,7 +94,7 @@ class StackStep:
         (:func:`~tgan_ray.data.working.frame_scales`): particles measured as step 2 finds them."""
         from tgan_ray.data.working import frame_scales, to_working
         from tgan_ray.masks import ClassicalSegmenter
-        from tgan_ray.masks.rough import MIN_FRAME_PX
+        from tgan_ray.masks.classical import MIN_FRAME_PX
 
         r = self.cfg.rough
         seg = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, r.confidence)

@@ -56,7 +56,7 @@ def _storage(cfg: Config, run_dir: str | Path) -> tuple[str, Any]:
     """Ray Train storage: ``ray.storage_path`` or ``<run>/ray``; S3 through a pyarrow filesystem."""
     path = cfg.ray.storage_path or f"{str(run_dir).rstrip('/')}/ray"
     if path.startswith("s3://"):
-        from tgan_ray.io.storage import pyarrow_filesystem
+        from tgan_ray.io.s3 import pyarrow_filesystem
 
         return path[len("s3://") :], pyarrow_filesystem(cfg.storage)
     return str(Path(path).resolve()), None

@@ -68,7 +68,7 @@ class GANStage(Stage):
 
         self.name, self.ctx, self.extractor_name = name, ctx, extractor
         self.cfg = (Pix2PixConfig if name == "pix2pix" else CycleGANConfig).model_validate(cfg)
-        from tgan_ray.metrics.gan import extractor_label
+        from tgan_ray.metrics.gan_extractors import extractor_label
 
         self.score = f"val/kid_{extractor_label(extractor)}"
         self.num_epochs = self.cfg.epochs + self.cfg.epochs_decay
@@ -126,7 +126,8 @@ class GANStage(Stage):
             generator.train(was_training)
 
     def evaluate(self) -> dict[str, float]:
-        from tgan_ray.metrics.gan import build_feature_extractor, extractor_label, image_quality
+        from tgan_ray.metrics.gan import image_quality
+        from tgan_ray.metrics.gan_extractors import build_feature_extractor, extractor_label
 
         if self._extractor is None:
             self._extractor = build_feature_extractor(self.extractor_name).to(self.ctx.device)
