@@ -4,7 +4,10 @@ Rows, for each frame size (synthetic HAADF frames written as 16-bit PNGs, the CP
 weights unless --model names a trained one):
 
 - ``tgan segment (Ray Data)``: :func:`tgan_ray.segment.segment_stack` end to end (read, normalise, tile, network,
-  mask, particle table, PNG/TIFF masks), timed on a second run so Ray's own start-up is left out;
+  mask, particle table, PNG/TIFF masks), timed on a second run so Ray's own start-up is left out; the network's
+  path alone (``segmenter.merge_rough`` off), as the plain loops below run it;
+- ``tgan segment, merged with the rough masks``: the same with ``segmenter.merge_rough`` on, the default of
+  ``tgan segment --model`` and of a run's step 8: each frame also goes through the classical segmenter;
 - ``plain loop, training tiles``: a plain PyTorch loop with the tiling used before inference tiles were decoupled
   from training tiles (``data.image_size`` tiles, 25% overlap, fp32), same pre- and post-processing;
 - ``plain loop, inference tiles``: the same loop through :class:`tgan_ray.inference.Segmenter` (what the Ray
@@ -154,7 +157,7 @@ def run(args) -> dict:
 
     from tgan_ray.config import load_config
 
-    # The network's path only: the plain loops it is compared with run no classical pass (segmenter.merge_rough).
+    # The network's path: the plain loops it is compared with run no classical pass (the merged row turns it on).
     overrides = {"data.resize_mode": "tile", "data.scale": args.scale, "segmenter.merge_rough": False}
     if args.smoke_test:
         overrides.update({"segmenter.encoder": "resnet18", "segmenter.decoder_channels": [16, 8, 8, 8, 8]})
@@ -169,6 +172,7 @@ def _measure(args, cfg, work: Path) -> dict:
     from tgan_ray.inference import Segmenter
 
     model = Path(args.model) if args.model else build_model(cfg, work)
+    merged = cfg.model_copy(update={"segmenter": cfg.segmenter.model_copy(update={"merge_rough": True})})
     seg = Segmenter(model, None if args.model else cfg.data, cfg.segmenter)
     torch.set_num_threads(os.cpu_count() or 1)
     sources = sorted(Path(p) for p in glob.glob(args.images)) if args.images else []
@@ -180,6 +184,9 @@ def _measure(args, cfg, work: Path) -> dict:
         plain_loop_segmenter(seg, frames[:1])  # warm-up: allocator, oneDNN kernels
         timings = {
             "tgan segment (Ray Data)": tgan_segment(model, work / f"frames{size}", work / f"out{size}", cfg),
+            "tgan segment, merged with the rough masks (default)": tgan_segment(
+                model, work / f"frames{size}", work / f"merged{size}", merged
+            ),
             "plain loop, training tiles": plain_loop_training_tiles(seg, model, frames),
             "plain loop, inference tiles": plain_loop_segmenter(seg, frames),
             "one whole-frame pass": whole_frame_pass(seg, frames),

@@ -209,6 +209,14 @@ def test_pick_radius_rejects_a_noise_scale():
     assert radius == 26.0 and object_f1(labels > 0, truth)[0] > 0.8
 
 
+def test_candidate_radii_in_threads_give_the_same_labels_as_one_thread():
+    image, _ = em_frame(seed=15, size=384, n=30, radius=5.0)
+    radii = [3.0, 5.0, 9.0]
+    one = ClassicalSegmenter("bright", threads=1).pick_radius(image, radii)
+    several = ClassicalSegmenter("bright", threads=4).pick_radius(image, radii)
+    assert one[0] == several[0] and np.array_equal(one[1], several[1])
+
+
 def test_each_frame_of_a_mixed_stack_takes_its_own_scale():
     """Frames of two magnifications in one stack: each is segmented at the stack radius that suits it."""
     frames = [em_frame(seed=12, size=256, radius=5.0), em_frame(seed=13, size=768, radius=15.0)]

@@ -97,10 +97,10 @@ class SegmentActor:
     ):
         from tgan_ray.runtime import use_actor_cpus
 
-        use_actor_cpus()
+        threads = use_actor_cpus()
         self.segmenter = None
         self.frame_scales = frame_scales or {}
-        self.rough = None if rough is None else rough_segment_fn(rough)
+        self.rough = None if rough is None else rough_segment_fn(rough, threads)
         if model_ref[0] is not None:
             from tgan_ray.inference import Segmenter
 
@@ -240,13 +240,14 @@ class SegmentActor:
         return {key: np.array([r[key] for r in rows], dtype=_ROW_DTYPES.get(key, object)) for key in keys}
 
 
-def rough_segment_fn(rough: dict[str, Any]):
-    """``image -> mask`` of the classical segmenter at the stack's contrast and radii (see SegmentActor)."""
+def rough_segment_fn(rough: dict[str, Any], threads: int | None = None):
+    """``image -> mask`` of the classical segmenter at the stack's contrast and radii (see SegmentActor), on
+    ``threads`` threads (None: every CPU of this process)."""
     from functools import partial
 
     from tgan_ray.config import RoughMaskConfig
     from tgan_ray.masks import ClassicalSegmenter
 
     c = RoughMaskConfig.model_validate(rough["config"])
-    segmenter = ClassicalSegmenter(c.particle_contrast, c.min_particle_px, c.confidence)
+    segmenter = ClassicalSegmenter(c.particle_contrast, c.min_particle_px, c.confidence, threads)
     return partial(segmenter.segment, radius=rough["radii"], contrast=rough["contrast"])

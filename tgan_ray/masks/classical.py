@@ -15,7 +15,9 @@ their edges and brought back to full resolution by :mod:`tgan_ray.masks.particle
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -93,6 +95,7 @@ class ClassicalSegmenter:
         particle_contrast: 'bright' (HAADF), 'dark' (BF-TEM) or 'auto' (decided per image).
         min_particle_px: Smallest particle area kept, px of the input frame.
         confidence: 0..1; higher keeps fewer, surer particles (stricter threshold, shape and contrast tests).
+        threads: Threads for a frame's candidate radii (:meth:`pick_radius`); None: every CPU of this process.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class ClassicalSegmenter:
         particle_contrast: Literal["auto", "bright", "dark"] = "auto",
         min_particle_px: int = 12,
         confidence: float = 0.5,
+        threads: int | None = None,
     ):
         if particle_contrast not in ("auto", "bright", "dark"):
             raise ValueError(f"particle_contrast={particle_contrast!r}; choose auto, bright or dark")
@@ -108,6 +112,9 @@ class ClassicalSegmenter:
         self.particle_contrast = particle_contrast
         self.min_particle_px = int(min_particle_px)
         self.confidence = float(confidence)
+        # pick_radius's blob scan and candidates are independent, and scipy's filters and scikit-image's watershed
+        # release the GIL: threads use the cores one frame would leave idle (2048 px PtW frame, 2 cores: 14 -> 8 s)
+        self.threads = threads or _usable_cpus()
 
     # -- analysis ------------------------------------------------------------------------------------------------
     def _analyse(self, image: np.ndarray, contrast: str | None, radius: float | None):
@@ -225,11 +232,13 @@ class ClassicalSegmenter:
         Returns:
             (radius, labels of the frame segmented at it).
         """
-        own = self.estimate_scale(image, contrast)
-        found = []  # (count, radius, labels)
-        for r in radii:
-            labels = self.label(image, r, contrast)
-            found.append((sized_count(labels, r), float(r), labels))
+        with ThreadPoolExecutor(min(self.threads, len(radii) + 1)) as pool:
+            scan_radius = pool.submit(self.estimate_scale, image, contrast)
+            labelled = list(pool.map(lambda r: self.label(image, r, contrast), radii))
+            own = scan_radius.result()
+        found = [
+            (sized_count(labels, r), float(r), labels) for r, labels in zip(radii, labelled, strict=True)
+        ]
         trusted = [f for f in found if f[1] * SMALLER_THAN_SCAN >= own and f[0] >= MIN_MEASURED_PARTICLES]
         # max keeps the first of equal counts, in the order the radii were given
         _, radius, labels = max(trusted or found, key=lambda f: f[0])
@@ -302,6 +311,13 @@ class ClassicalSegmenter:
 
 
 # -- detection helpers, at the working scale -----------------------------------------------------------------
+def _usable_cpus() -> int:
+    """CPUs this process may run on: its affinity where the OS has one, else every CPU."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _background(image: np.ndarray, radius: float) -> np.ndarray:
     """Grey opening with a disk (the top-hat's background), on a copy shrunk so the disk is ~5 px, then upsampled.
 
