@@ -197,6 +197,8 @@ def test_find_run_models_takes_the_last_finished_round(tmp_path):
         "round2/pix2pix": step(tmp_path / "p2"),
         "round2/cyclegan": step(tmp_path / "c2"),
         "round3/pix2pix": step(tmp_path / "p3"),  # round 3 has no CycleGAN yet
+        "round10/pix2pix": step(tmp_path / "p10"),  # round 10's CycleGAN did not finish
+        "round10/cyclegan": {"status": "running"},
     }
     (tmp_path / "manifest.json").write_text(json.dumps({"steps": steps}))
     found = find_run_models(tmp_path, _cfg())

@@ -41,6 +41,7 @@ import numpy as np
 from tgan_ray.config import Config, StorageConfig
 from tgan_ray.generate_actor import GeneratorActor, sample_masks, write_pairs
 from tgan_ray.io import storage as st
+from tgan_ray.manifest import round_step, step_rounds
 from tgan_ray.messages import one_line
 from tgan_ray.scale_out import (
     IO_TASK_CPUS,
@@ -341,11 +342,8 @@ def find_run_models(run_dir: str | os.PathLike, cfg: Config) -> dict[str, str]:
         raise ScaleOutError(f"not a pipeline run folder (no manifest.json): {run}") from None
     except json.JSONDecodeError as exc:
         raise ScaleOutError(f"run manifest {path} is corrupt ({exc.msg})") from None
-    rounds = sorted(
-        (int(m.group(1)) for m in (re.match(r"^round(\d+)/cyclegan$", k) for k in steps) if m), reverse=True
-    )
-    for r in rounds:
-        p2p, cyc = steps.get(f"round{r}/pix2pix", {}), steps.get(f"round{r}/cyclegan", {})
+    for r in step_rounds(steps, "cyclegan"):
+        p2p, cyc = steps.get(round_step(r, "pix2pix"), {}), steps.get(round_step(r, "cyclegan"), {})
         if p2p.get("status") == "done" and cyc.get("status") == "done":
             return {
                 "round": r,

@@ -8,9 +8,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
+
+
+def round_step(rnd: int, step: str) -> str:
+    """A step of adaptation round ``rnd``: its key in the manifest and its folder (``round_step(2, "pix2pix")`` ->
+    ``"round2/pix2pix"``). The pipeline names its steps with it, and tools that read a run folder find them by it."""
+    return f"round{rnd}/{step}"
+
+
+def step_rounds(steps: dict[str, Any], step: str) -> list[int]:
+    """The rounds in a manifest's ``steps`` that hold ``step`` (finished or not), newest first."""
+    found = (re.fullmatch(r"round(\d+)/" + re.escape(step), key) for key in steps)
+    return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from tgan_ray.config import Config, ConfigError, CycleGANConfig, Pix2PixConfig, config_to_dict
-from tgan_ray.manifest import write_json
+from tgan_ray.manifest import round_step, write_json
 
 # Search space syntax, in YAML or Python: {field: {choice: [...]}} | {loguniform: [lo, hi]} | {uniform: [lo, hi]}.
 DEFAULT_SPACES: dict[str, dict[str, dict[str, list]]] = {
@@ -212,12 +212,12 @@ def _campaign_data(pipe, stage: str) -> dict[str, Any]:
     """The stage's training data from the pipeline's round-1 steps: pix2pix needs the rough masks and the
     prior, CycleGAN also the 1st generation (so a pix2pix too)."""
     stack = pipe.run_step("stack", pipe.step_stack)
-    rough = pipe.run_step("round1/rough", pipe.step_rough, stack, 1)
-    prior = pipe.run_step("round1/prior", pipe.step_prior, stack, rough, 1)
+    rough = pipe.run_step(round_step(1, "rough"), pipe.step_rough, stack, 1)
+    prior = pipe.run_step(round_step(1, "prior"), pipe.step_prior, stack, rough, 1)
     if stage == "pix2pix":
         return pipe.pix2pix_data(stack, rough, prior, 1)
-    p2p = pipe.run_step("round1/pix2pix", pipe.step_pix2pix, stack, rough, prior, 1)
-    gen1 = pipe.run_step("round1/gen1", pipe.step_gen, "masks", "gen1", p2p, 1)
+    p2p = pipe.run_step(round_step(1, "pix2pix"), pipe.step_pix2pix, stack, rough, prior, 1)
+    gen1 = pipe.run_step(round_step(1, "gen1"), pipe.step_gen, "masks", "gen1", p2p, 1)
     return pipe.cyclegan_data(stack, gen1)
 
 

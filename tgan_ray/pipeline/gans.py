@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from tgan_ray.manifest import write_json
+from tgan_ray.manifest import round_step, write_json
 from tgan_ray.pipeline.common import load_mask, load_pngs, quiet_ray_data
 
 
@@ -68,7 +68,7 @@ class GANSteps:
         images, masks = self.real_crops(stack["subset1"], d.real_crops, self.pix2pix_masks(stack, rough))
         n_val = min(self.cfg.pix2pix.eval_images, len(prior["masks"]))
         val_masks = load_pngs(
-            self.run_dir / f"round{rnd}" / "virtual" / "masks", prior["masks"][:n_val], True
+            self.run_dir / round_step(rnd, "virtual") / "masks", prior["masks"][:n_val], True
         )
         val_real, _ = self.real_crops(stack["subset2"] + stack["test"], max(n_val, 8))
         return {"train_images": images, "train_masks": masks, "val_masks": val_masks, "val_images": val_real}
@@ -137,10 +137,10 @@ class GANSteps:
 
         model = stage_model_uri(stage["checkpoint_path"], self.cfg)
         if (src, dst) == ("masks", "gen1"):
-            sub, p2p, cyc = f"round{rnd}/gen1", model, None
+            sub, p2p, cyc = round_step(rnd, "gen1"), model, None
         elif (src, dst) == ("gen1", "gen2") and pix2pix is not None:
             p2p, cyc = stage_model_uri(pix2pix["checkpoint_path"], self.cfg), model
-            sub = f"round{rnd}/virtual"
+            sub = round_step(rnd, "virtual")
         else:
             raise ValueError(f"step_gen({src!r}, {dst!r}): use masks -> gen1, or gen1 -> gen2 with pix2pix=")
         out = self.folder.uri(sub)  # the actors write there; an S3 run folder's copy fetches it after
@@ -251,7 +251,7 @@ class GANSteps:
         """The real particles' signed median contrast to their support (step 2's masks of subset 1)."""
         from tgan_ray.masks.consistency import median_contrast
 
-        rough = self.manifest.outputs(f"round{rnd}/rough")
+        rough = self.manifest.outputs(round_step(rnd, "rough"))
         stems = list(rough["particles"])
         return median_contrast(
             [self.work_frame(s) for s in stems],

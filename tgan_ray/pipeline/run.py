@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from tgan_ray.config import Config, config_to_dict, flatten_config, save_config
-from tgan_ray.manifest import Manifest
+from tgan_ray.manifest import Manifest, round_step
 from tgan_ray.pipeline.common import PipelineError, check_same_config
 from tgan_ray.pipeline.gans import GANSteps
 from tgan_ray.pipeline.rough import RoughStep
@@ -108,7 +108,11 @@ class Pipeline(StackStep, RoughStep, GANSteps, SegmenterStep, SegmentSteps):
         from tgan_ray.runtime import cluster_address, use_gpu
         from tgan_ray.train.estimate import estimate_line, estimate_training
 
-        if self.manifest.done("round1/pix2pix") or cluster_address(self.cfg.ray) or use_gpu(self.cfg.ray):
+        if (
+            self.manifest.done(round_step(1, "pix2pix"))
+            or cluster_address(self.cfg.ray)
+            or use_gpu(self.cfg.ray)
+        ):
             return
         estimate = estimate_training(self.cfg)
         self.manifest.set("training_estimate", estimate)
@@ -119,15 +123,20 @@ class Pipeline(StackStep, RoughStep, GANSteps, SegmenterStep, SegmentSteps):
         self.estimate_training()
         seg = None
         for rnd in range(1, self.cfg.run.rounds + 1):
-            r = f"round{rnd}"
-            rough = self.run_step(f"{r}/rough", self.step_rough, stack, rnd)
-            prior = self.run_step(f"{r}/prior", self.step_prior, stack, rough, rnd)
-            p2p = self._trained(self.run_step(f"{r}/pix2pix", self.step_pix2pix, stack, rough, prior, rnd))
-            gen1 = self.run_step(f"{r}/gen1", self.step_gen, "masks", "gen1", p2p, rnd)
-            cyc = self._trained(self.run_step(f"{r}/cyclegan", self.step_cyclegan, stack, gen1, rnd))
-            gen2 = self.run_step(f"{r}/gen2", self.step_gen, "gen1", "gen2", cyc, rnd, p2p)
-            virtual = self.run_step(f"{r}/virtual", self.step_virtual, stack, prior, gen2, rnd)
-            seg = self._trained(self.run_step(f"{r}/segmenter", self.step_segmenter, prior, virtual, rnd))
+            rough = self.run_step(round_step(rnd, "rough"), self.step_rough, stack, rnd)
+            prior = self.run_step(round_step(rnd, "prior"), self.step_prior, stack, rough, rnd)
+            p2p = self._trained(
+                self.run_step(round_step(rnd, "pix2pix"), self.step_pix2pix, stack, rough, prior, rnd)
+            )
+            gen1 = self.run_step(round_step(rnd, "gen1"), self.step_gen, "masks", "gen1", p2p, rnd)
+            cyc = self._trained(
+                self.run_step(round_step(rnd, "cyclegan"), self.step_cyclegan, stack, gen1, rnd)
+            )
+            gen2 = self.run_step(round_step(rnd, "gen2"), self.step_gen, "gen1", "gen2", cyc, rnd, p2p)
+            virtual = self.run_step(round_step(rnd, "virtual"), self.step_virtual, stack, prior, gen2, rnd)
+            seg = self._trained(
+                self.run_step(round_step(rnd, "segmenter"), self.step_segmenter, prior, virtual, rnd)
+            )
         masks = self.run_step("segment", self.step_segment, stack, seg)
         self.run_step("selfcheck", self.step_selfcheck, stack, seg)
         report = self.run_step("report", self.step_report, stack, masks, self.cfg.run.rounds)

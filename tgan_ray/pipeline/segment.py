@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from tgan_ray.manifest import round_step
 from tgan_ray.pipeline.common import PipelineError, load_mask, own_scales, quiet_ray_data, sidecar_pixel_size
 
 
@@ -73,7 +74,7 @@ class SegmentSteps:
         from tgan_ray.masks import ClassicalSegmenter
         from tgan_ray.masks.particle_labels import cut_touching
 
-        rough = self.manifest.outputs("round1/rough")
+        rough = self.manifest.outputs(round_step(1, "rough"))
         settings = rough.get("settings") or {}
         radii = settings.get("radii") or []
         expected = 2 * float(np.median(radii)) if radii else self.cfg.data.target_particle_px

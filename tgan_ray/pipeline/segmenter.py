@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from tgan_ray.manifest import round_step
 from tgan_ray.pipeline.common import load_pngs, spread
 
 
@@ -69,7 +70,7 @@ class SegmenterStep:
         from tgan_ray.masks.consistency import unmasked_particles
         from tgan_ray.masks.pseudo import IGNORE
 
-        settings = self.manifest.outputs("round1/rough").get("settings")
+        settings = self.manifest.outputs(round_step(1, "rough")).get("settings")
         if not settings:  # rough.method sam / model: no classical settings of this stack yet
             stems = [f["stem"] for f in self.manifest.outputs("stack")["frames"]]
             work = [self.work_frame(stems[i]) for i in spread(len(stems))]
@@ -113,7 +114,7 @@ class SegmenterStep:
         from tgan_ray.masks.pseudo import IGNORE, read_pseudo_label
 
         fraction = self.cfg.segmenter.real_fraction
-        rough = self.manifest.outputs(f"round{rnd}/rough")
+        rough = self.manifest.outputs(round_step(rnd, "rough"))
         size = self.cfg.data.image_size
         if fraction <= 0 or "pseudo" not in rough:
             return np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.uint8)
