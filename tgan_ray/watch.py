@@ -15,9 +15,10 @@ once it is fully written: its size and mtime are the same on two polls in a row,
   intervals: sintering drift shows) and ``particles.parquet`` are rewritten after each poll that brought new
   frames.
 
-While the endpoint is down or overloaded (connection errors, timeouts, 5xx, 429), frames wait in order and are
-retried with capped exponential backoff: none is lost. An overloaded server's ``Retry-After`` (seconds or an
-HTTP date, as Serve sends with its 503) is honoured: the next attempt waits at least that long, up to the cap. A frame the endpoint refuses (4xx: not an image,
+While the endpoint is down or overloaded (connection errors, timeouts, HTTP 408, 425, 429, 500, 502, 503, 504),
+frames wait in order and are retried with capped exponential backoff: none is lost. An overloaded server's
+``Retry-After`` (seconds or an HTTP date, as Serve sends with its 503) is honoured: the next attempt waits at least
+that long, up to the cap. A frame the endpoint refuses (other 4xx and 5xx: not an image,
 too large) is recorded as rejected with its reason and not retried.
 
 The HTTP side (URL, upload, which failures are retried) is in :mod:`tgan_ray.watch_client`, the output folder
@@ -53,7 +54,7 @@ class WatchResult:
         sent: files segmented in this run, in the order sent.
         rejected: files the endpoint refused (4xx), with the reason.
         pending: files seen but not sent when the run ended (still being written, or the endpoint was down).
-        retries: failed attempts that were retried (endpoint down, timeout, 5xx).
+        retries: failed attempts that were retried (endpoint down, timeout, a retryable HTTP status).
         elapsed_s: wall time of the run.
         out_dir: where particles.csv / .parquet, psd.png, mean_diameter.png, running_summary.json and sent.json are.
     """
