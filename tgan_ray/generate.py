@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from tgan_ray.config import Config, StorageConfig
-from tgan_ray.generate_actor import GeneratorActor, sample_masks, write_pairs
+from tgan_ray.generate_actor import GeneratorActor, pair_paths, sample_masks, write_pairs
 from tgan_ray.io import storage as st
 from tgan_ray.manifest import round_step, step_rounds
 from tgan_ray.messages import one_line
@@ -129,15 +129,15 @@ def _write_manifest(
     import pyarrow.parquet as pq
 
     indices = np.sort(indices)
-    names = [f"{i:07d}.png" for i in indices.tolist()]
+    paths = [pair_paths(i) for i in indices.tolist()]
     columns = {
         "index": pa.array(indices, pa.int64()),
-        "image": pa.array([f"images/{n}" for n in names], pa.string()),
-        "mask": pa.array([f"masks/{n}" for n in names], pa.string()),
+        "image": pa.array([p["image"] for p in paths], pa.string()),
+        "mask": pa.array([p["mask"] for p in paths], pa.string()),
         "seed": pa.array(np.full(len(indices), seed, dtype=np.int64)),
     }
     if with_gen1:
-        columns["gen1"] = pa.array([f"gen1/{n}" for n in names], pa.string())
+        columns["gen1"] = pa.array([p["gen1"] for p in paths], pa.string())
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(columns), sink)
     uri = st.join(out, "manifest.parquet")
