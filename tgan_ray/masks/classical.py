@@ -113,7 +113,7 @@ class ClassicalSegmenter:
         self.min_particle_px = int(min_particle_px)
         self.confidence = float(confidence)
         # pick_radius's blob scan and candidates are independent, and scipy's filters and scikit-image's watershed
-        # release the GIL: threads use the cores one frame would leave idle (2048 px PtW frame, 2 cores: 14 -> 8 s)
+        # release the GIL: threads use the cores one frame would leave idle (2048 px PtW frame, 2 cores: 14.9 -> 9.2 s)
         self.threads = threads or _usable_cpus()
 
     # -- analysis ------------------------------------------------------------------------------------------------
