@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tgan_ray.data.datasets import PairedDataset, SegmentationDataset, UnpairedDataset, fit_to_size
+from tgan_ray.data.datasets import PairedDataset, SegmentationDataset, UnpairedDataset, fit_to_size, read_gray
 from tgan_ray.data.splits import StackSplit, split_stack
 from tgan_ray.data.tiling import (
     TileMap,
@@ -325,6 +325,39 @@ def test_dataset_loads_png_files_lazily(tmp_path):
     expected_image, expected_mask = fit_to_size(images[0] / 255, masks[0], 64, False, "crop", None)
     np.testing.assert_allclose(image[0].numpy(), expected_image, atol=1e-4)
     np.testing.assert_array_equal(label.numpy(), expected_mask)
+
+
+def test_read_gray_returns_what_the_pipeline_wrote_in_its_dtype(tmp_path):
+    """The training loaders read run files through io.read_image; the values must come back bit for bit."""
+    import tifffile
+
+    from tgan_ray.io import write_mask_png, write_png
+
+    rng = np.random.default_rng(0)
+    grey8 = rng.integers(0, 256, (33, 47), dtype=np.uint8)
+    grey16 = rng.integers(0, 65536, (33, 47), dtype=np.uint16)
+    unit = rng.random((33, 47), dtype=np.float32)
+    write_png(tmp_path / "virtual.png", grey8)
+    write_png(tmp_path / "deep.png", grey16)
+    write_mask_png(tmp_path / "mask.png", grey8 > 128)
+    tifffile.imwrite(tmp_path / "deep.tif", grey16)
+    tifffile.imwrite(tmp_path / "unit.tif", unit)
+    Image.fromarray(np.stack([grey8] * 3, -1)).save(tmp_path / "rgb.png")
+    expected = {
+        "virtual.png": grey8,
+        "deep.png": grey16,
+        "mask.png": (grey8 > 128).astype(np.uint8) * 255,
+        "deep.tif": grey16,
+        "unit.tif": unit,
+        "rgb.png": grey8,  # grey stored as RGB comes back unchanged
+    }
+    for name, want in expected.items():
+        got = read_gray(tmp_path / name)
+        assert got.dtype == want.dtype, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "virtual.png").read_bytes()[:60])
+    with pytest.raises(ValueError, match="cut.png"):
+        read_gray(tmp_path / "cut.png")
 
 
 def test_segmentation_dataset_pads_small_and_resizes_big():

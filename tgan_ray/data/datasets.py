@@ -24,8 +24,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from tgan_ray.io import read_image
 
 from .tiling import resize_to
 from .transforms import reseed
@@ -36,25 +37,17 @@ Loader = Callable[[ImageSource], np.ndarray]
 
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as a 2-D array in its stored dtype (colour is averaged to gray)."""
+    """An image file as a 2-D array in its stored dtype, which :func:`to_unit_float` scales by.
+
+    The project's one image reader (:func:`tgan_ray.io.read_image`: every supported format, the decompression-bomb
+    guard, one-line errors; colour becomes luminance), its float32 grey values put back in the file's dtype.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image file not found: {p}")
-    try:
-        if p.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            arr = tifffile.imread(p)
-        else:
-            with Image.open(p) as im:
-                arr = np.asarray(im)
-    except Exception as exc:  # PIL/tifffile raise many types; the user needs the file name
-        raise ValueError(f"cannot read image {p}: {exc}") from None
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        arr = arr[..., :3].mean(-1)
-    if arr.ndim != 2:
-        raise ValueError(f"image {p} has shape {arr.shape}; expected a 2-D grayscale frame")
-    return arr
+    em = read_image(p)
+    stored = np.dtype(em.meta["dtype"])
+    return np.rint(em.data).astype(stored) if np.issubdtype(stored, np.integer) else em.data
 
 
 def to_unit_float(arr: np.ndarray, name: str = "image") -> np.ndarray:
