@@ -1,6 +1,6 @@
 """The image history that CycleGAN shows its discriminators (the reference's ``util/image_pool.py``).
 
-Not a network: a plain buffer of generated images with its own seeded random generator, so that runs repeat.
+Not a network: a plain buffer of generated images with its own random generator, seeded so that runs repeat.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ class ImagePool:
 
     Args:
         pool_size: Images kept; 0 disables the pool (``query`` returns its input).
-        seed: Seed of the pool's own random generator, so runs repeat.
+        seed: Seed of the pool's own random generator. None draws it from torch's generator, as the datasets do,
+            so a run seeded with ``torch.manual_seed`` (every training worker is) repeats; an unseeded
+            ``random.Random()`` made CycleGAN, and every step after it, differ from run to run.
     """
 
     def __init__(self, pool_size: int = 50, seed: int | None = None):
@@ -28,6 +30,8 @@ class ImagePool:
             raise ValueError(f"pool_size must be >= 0, got {pool_size}")
         self.pool_size = pool_size
         self.images: list[torch.Tensor] = []
+        if seed is None:
+            seed = int(torch.randint(2**62, ()).item())
         self._rng = random.Random(seed)
 
     def __len__(self) -> int:
