@@ -75,6 +75,34 @@ def test_particles_fainter_than_real_ones_are_not_reported(tmp_path):
     assert Segmenter(with_ref).drop_faint(prob > 0.5, image).sum() == 64
 
 
+def test_a_frames_own_rough_particles_set_its_faint_bar(tmp_path):
+    """Given the rough segmenter's mask of the frame, the bar is a fraction of that frame's particles' contrast,
+    not the stack's: on a frame whose particles are brighter than the stack's median, grains as bright as the
+    stack's bar let through are dropped. Too few rough particles to measure: the stack's bar, as before."""
+    torch.manual_seed(0)
+    data = DataConfig(image_size=64, resize_mode="tile", scale=0.5, target_particle_px=None)
+    net = create_segmenter("unet", "resnet18", None, decoder_channels=[16, 8, 8, 8, 8])
+    seg = Segmenter(
+        save_segmenter(
+            net, tmp_path / "m.pt", meta={"data": data.model_dump(mode="json"), "particle_contrast": 0.2}
+        )
+    )
+    image = np.full((96, 96), 0.2, np.float32)
+    rough = np.zeros(image.shape, bool)
+    for k in range(5):  # the frame's particles: contrast 0.6, three times the stack's median
+        image[8 + 16 * k : 14 + 16 * k, 8:14] = 0.8
+        rough[8 + 16 * k : 14 + 16 * k, 8:14] = True
+    image[40:46, 60:66] = 0.32  # a grain at 0.12: over 0.3 x the stack's 0.2, under 0.3 x the frame's 0.6
+    marked = rough.copy()
+    marked[40:46, 60:66] = True
+    assert seg.drop_faint(marked, image)[40:46, 60:66].all()  # the stack's bar
+    kept = seg.drop_faint(marked, image, rough=rough)
+    assert not kept[40:46, 60:66].any() and kept[rough].all()
+    few = rough.copy()
+    few[8 + 16 * 4 :, :] = False  # four particles: not enough to measure the frame by
+    assert seg.drop_faint(marked, image, rough=few)[40:46, 60:66].all()
+
+
 def _tiny_segmenter(tmp_path, **meta_data) -> Path:
     torch.manual_seed(0)
     path = tmp_path / "npssegnet.pt"

@@ -245,18 +245,22 @@ class Segmenter:
         threshold: float = 0.5,
         scale: float | None = None,
         image: np.ndarray | None = None,
+        rough: np.ndarray | None = None,
     ) -> np.ndarray:
         """Particle probability at a frame's original resolution -> its cleaned boolean mask.
 
-        ``image``: the normalised frame, to drop the particles fainter than real ones (:meth:`drop_faint`).
+        ``image``: the normalised frame, to drop the particles fainter than real ones (:meth:`drop_faint`);
+        ``rough``: the rough segmenter's mask of the same frame, whose particles then set that bar.
         """
         from tgan_ray.data.working import working_scale
 
         scale = scale or working_scale(probability.shape, self.data_cfg)
         mask = clean_mask(probability > threshold, self.min_particle_px / scale**2)
-        return mask if image is None else self.drop_faint(mask, image, scale)
+        return mask if image is None else self.drop_faint(mask, image, scale, rough)
 
-    def drop_faint(self, mask: np.ndarray, image: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    def drop_faint(
+        self, mask: np.ndarray, image: np.ndarray, scale: float = 1.0, rough: np.ndarray | None = None
+    ) -> np.ndarray:
         """The mask without the particles that stand out from their support less than a real particle must.
 
         The bar is step 6's for a virtual image to show a particle (``segmenter.min_drawn_contrast`` x the real
@@ -264,16 +268,27 @@ class Segmenter:
         bright grains of a textured support: on real HAADF frames these have a quarter of a particle's contrast
         to their ring of support, or less (docs/quality.md, "Faint particles").
 
+        The real particles are the stack's (step 2's masks, at the working scale), or, given ``rough`` with at
+        least ``MIN_MEASURED_PARTICLES`` particles of the contrast's sign, this frame's own, measured on this
+        frame the same way: thickness, focus and gain change a particle's contrast from frame to frame, and a
+        grainy support's grains rise with it (PtW5: its rough particles 0.22, the grains NPsSegNet marked 0.07, the
+        stack's median 0.16, so a bar of 0.05 let most grains through).
+
         Args:
             mask: (H, W) bool; image: the normalised frame, same shape; scale: its working scale (the ring
-                of support is ``RING_PX`` wide at the working scale).
+                of support is ``RING_PX`` wide at the working scale); rough: (H, W) bool or None.
         """
-        from tgan_ray.masks.consistency import RING_PX, undrawn_particles
+        from tgan_ray.masks.classical import MIN_MEASURED_PARTICLES
+        from tgan_ray.masks.consistency import RING_PX, particle_contrast, undrawn_particles
 
         ring_px = max(1, round(RING_PX / scale))
-        faint = undrawn_particles(
-            image, mask, self.particle_contrast, self.seg_cfg.min_drawn_contrast, ring_px
-        )
+        reference = self.particle_contrast
+        if rough is not None and reference:
+            contrast = particle_contrast(image, rough, ring_px)[0]
+            contrast = contrast[np.isfinite(contrast) & (np.sign(contrast) == np.sign(reference))]
+            if len(contrast) >= MIN_MEASURED_PARTICLES:
+                reference = float(np.median(contrast))
+        faint = undrawn_particles(image, mask, reference, self.seg_cfg.min_drawn_contrast, ring_px)
         return mask & ~faint
 
 

@@ -150,12 +150,16 @@ class SegmentActor:
         scales = [self.frame_scales.get(it["row"]["image"]) for it in todo]
         probabilities = self.segmenter.probabilities([it["image"] for it in todo], scales)
         for it, probability, scale in zip(todo, probabilities, scales, strict=True):
-            it["mask"] = self.segmenter.to_mask(probability, scale=scale, image=it["image"])
-            it["row"]["lead"] = LEAD_NETWORK
             # segmenter.merge_rough: with the rough segmenter's masks, the network leading unless it misses most of
-            # the rough particles (a frame too small for the classical segmenter keeps the network's mask)
+            # the rough particles (a frame too small for the classical segmenter keeps the network's mask). The
+            # rough particles also set the frame's faint bar (Segmenter.drop_faint).
+            rough = None
             if self.rough is not None and min(it["image"].shape) >= MIN_FRAME_PX:
-                it["mask"], it["row"]["lead"] = merge_with_rough(it["mask"], self.rough(it["image"]))
+                rough = self.rough(it["image"])
+            it["mask"] = self.segmenter.to_mask(probability, scale=scale, image=it["image"], rough=rough)
+            it["row"]["lead"] = LEAD_NETWORK
+            if rough is not None:
+                it["mask"], it["row"]["lead"] = merge_with_rough(it["mask"], rough)
             it["row"]["uncertainty"] = uncertainty(probability)
 
     def _finish(self, item: dict[str, Any]) -> dict[str, Any]:
