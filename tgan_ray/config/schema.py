@@ -208,7 +208,8 @@ class SegmenterConfig(_Section):
         description="A particle shows when its contrast to its surrounding support is at least this x the real "
         "particles' median contrast (step 2's masks). A virtual image that leaves a masked particle under it: the "
         "pair takes the other generation's image. A particle the segmenter marks under it on a real frame: not "
-        "reported (support grains). 0: no check.",
+        "reported (support grains); with merge_rough the median is the frame's own rough particles' when it has "
+        "at least 5. 0: no check.",
     )
     ignore_unmasked: bool = Field(
         True,
