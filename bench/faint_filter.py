@@ -3,9 +3,11 @@
     python bench/faint_filter.py --run /tmp/tgan-real-quality/PtW/run --stack PtW --bars 0,0.3,0.4
 
 A label-free particle is dropped when its contrast to a ring of support is under ``bar`` x the real particles'
-median contrast (step 2's masks of the run), as ``Segmenter.drop_faint`` does in step 8 (``segmenter.
-min_drawn_contrast``). The masks read are those the run wrote; a run from before ``drop_faint`` gives the "bar 0"
-row and what the bar would have changed. Scores as ``bench/real_quality.py``.
+median contrast (step 2's masks of the run): the stack's bar of ``Segmenter.drop_faint`` (``segmenter.
+min_drawn_contrast``), which Serve and step 8 without the rough merge use. Since ``e1c5f8b`` step 8 with the merge
+measures the median on each frame's own rough particles instead; to compare that, redo step 8 with
+``bench/rerun_from.py --from segment``. The masks read are those the run wrote; a run from before ``drop_faint``
+gives the "bar 0" row and what the bar would have changed. Scores as ``bench/real_quality.py``.
 """
 
 from __future__ import annotations
