@@ -217,6 +217,18 @@ def test_candidate_radii_in_threads_give_the_same_labels_as_one_thread():
     assert one[0] == several[0] and np.array_equal(one[1], several[1])
 
 
+def test_frames_segmented_together_get_the_masks_they_get_alone():
+    """segment_many shares one pool of threads among the frames of a batch: each frame's mask is its own."""
+    frames = [
+        em_frame(seed=s, size=size, radius=r)[0]
+        for s, size, r in ((16, 256, 5.0), (17, 512, 10.0), (18, 256, 5.0))
+    ]
+    radii = [5.0, 10.0]
+    together = ClassicalSegmenter("bright", threads=3).segment_many(frames, radii)
+    for frame, mask in zip(frames, together, strict=True):
+        assert np.array_equal(mask, ClassicalSegmenter("bright", threads=1).segment(frame, radii))
+
+
 def test_each_frame_of_a_mixed_stack_takes_its_own_scale():
     """Frames of two magnifications in one stack: each is segmented at the stack radius that suits it."""
     frames = [em_frame(seed=12, size=256, radius=5.0), em_frame(seed=13, size=768, radius=15.0)]
@@ -269,3 +281,24 @@ def test_pick_radius_does_not_trust_a_count_far_below_the_frames_own_scale():
     # The scan agreeing with the specks, or no other candidate finding particles, leaves the count in charge.
     assert _ScanSees(4.0).pick_radius(image, [4.0, 13.0])[0] == 4.0
     assert _ScanSees(13.0).pick_radius(image, [4.0, 60.0])[0] == 4.0
+
+
+class _Counted(_ScanSees):
+    """Records the radii it labels a frame at."""
+
+    def __init__(self, radius: float):
+        super().__init__(radius)
+        self.labelled: list[float] = []
+
+    def label(self, image, radius=None, contrast=None, plausible_only=True):
+        self.labelled.append(radius)
+        return super().label(image, radius, contrast, plausible_only)
+
+
+def test_a_candidate_the_scan_rules_out_is_labelled_only_when_no_other_finds_enough():
+    """Labelling a 2048 px frame at a small radius is its costliest candidate: skip it when it cannot win."""
+    image, _ = em_frame(seed=22, size=512, n=8, radius=13.0, dose=1e4)
+    seg = _Counted(13.0)
+    assert seg.pick_radius(image, [4.0, 13.0])[0] == 13.0 and seg.labelled == [13.0]
+    seg = _Counted(13.0)  # at 60 px nothing is found: 4 px is labelled after all, and wins
+    assert seg.pick_radius(image, [4.0, 60.0])[0] == 4.0 and sorted(seg.labelled) == [4.0, 60.0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ class SegmentActor:
     ):
         from tgan_ray.runtime import use_actor_cpus
 
-        threads = use_actor_cpus()
+        threads = self.threads = use_actor_cpus()
         self.segmenter = None
         self.frame_scales = frame_scales or {}
         self.rough = None if rough is None else rough_segment_fn(rough, threads)
@@ -143,19 +144,20 @@ class SegmentActor:
 
         todo = [it for it in items if it["image"] is not None]
         if self.segmenter is None:
-            for it in todo:
-                it["mask"], it["row"]["uncertainty"] = self.rough(it["image"]), np.nan
-                it["row"]["lead"] = LEAD_ROUGH
+            for it, mask in zip(todo, self.rough([it["image"] for it in todo]), strict=True):
+                it["mask"], it["row"]["uncertainty"], it["row"]["lead"] = mask, np.nan, LEAD_ROUGH
             return
         scales = [self.frame_scales.get(it["row"]["image"]) for it in todo]
         probabilities = self.segmenter.probabilities([it["image"] for it in todo], scales)
-        for it, probability, scale in zip(todo, probabilities, scales, strict=True):
-            # segmenter.merge_rough: with the rough segmenter's masks, the network leading unless it misses most of
-            # the rough particles (a frame too small for the classical segmenter keeps the network's mask). The
-            # rough particles also set the frame's faint bar (Segmenter.drop_faint).
-            rough = None
-            if self.rough is not None and min(it["image"].shape) >= MIN_FRAME_PX:
-                rough = self.rough(it["image"])
+        # segmenter.merge_rough: with the rough segmenter's masks, the network leading unless it misses most of the
+        # rough particles (a frame too small for the classical segmenter keeps the network's mask). The rough
+        # particles also set the frame's faint bar (Segmenter.drop_faint).
+        roughs: list[np.ndarray | None] = [None] * len(todo)
+        if self.rough is not None:
+            fit = [i for i, it in enumerate(todo) if min(it["image"].shape) >= MIN_FRAME_PX]
+            for i, mask in zip(fit, self.rough([todo[i]["image"] for i in fit]), strict=True):
+                roughs[i] = mask
+        for it, probability, scale, rough in zip(todo, probabilities, scales, roughs, strict=True):
             it["mask"] = self.segmenter.to_mask(probability, scale=scale, image=it["image"], rough=rough)
             it["row"]["lead"] = LEAD_NETWORK
             if rough is not None:
@@ -224,8 +226,11 @@ class SegmentActor:
             for it in items:
                 if it["image"] is not None:
                     it["error"] = self._each(lambda x: self._segment([x]), it)
-        for i, it in zip(pending, items, strict=True):
-            rows[i] = it.get("error") or self._each(self._finish, it)
+        # splitting, measuring and writing: scipy, scikit-image and zlib release the GIL, so frames share the cores
+        with ThreadPoolExecutor(self.threads) as pool:
+            finished = pool.map(lambda it: it.get("error") or self._each(self._finish, it), items)
+            for i, row in zip(pending, finished, strict=True):
+                rows[i] = row
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: list[dict[str, Any]] = []  # per image: the frame read (a dict with "em"), then its row
@@ -245,8 +250,8 @@ class SegmentActor:
 
 
 def rough_segment_fn(rough: dict[str, Any], threads: int | None = None):
-    """``image -> mask`` of the classical segmenter at the stack's contrast and radii (see SegmentActor), on
-    ``threads`` threads (None: every CPU of this process)."""
+    """``images -> masks`` of the classical segmenter at the stack's contrast and radii (see SegmentActor), the
+    frames of a batch sharing ``threads`` threads (None: every CPU of this process)."""
     from functools import partial
 
     from tgan_ray.config import RoughMaskConfig
@@ -254,4 +259,4 @@ def rough_segment_fn(rough: dict[str, Any], threads: int | None = None):
 
     c = RoughMaskConfig.model_validate(rough["config"])
     segmenter = ClassicalSegmenter(c.particle_contrast, c.min_particle_px, c.confidence, threads)
-    return partial(segmenter.segment, radius=rough["radii"], contrast=rough["contrast"])
+    return partial(segmenter.segment_many, radii=rough["radii"], contrast=rough["contrast"])

@@ -166,8 +166,15 @@ class ClassicalSegmenter:
             (H, W) -> (H, W) bool.
         """
         if isinstance(radius, (list, tuple, np.ndarray)):
-            return cut_touching(self.pick_radius(image, radius, contrast)[1])
+            return self.segment_many([image], radius, contrast)[0]
         return cut_touching(self.label(image, radius, contrast))
+
+    def segment_many(
+        self, images: Sequence[np.ndarray], radii: Sequence[float], contrast: str | None = None
+    ) -> list[np.ndarray]:
+        """:meth:`segment` of each frame at the best of the candidate ``radii``, the frames sharing the threads
+        (:meth:`pick_radii`). Same masks as one frame at a time."""
+        return [cut_touching(labels) for _, labels in self.pick_radii(images, radii, contrast)]
 
     def label(
         self,
@@ -225,24 +232,51 @@ class ClassicalSegmenter:
         frame, specks of noise or sub-nm clusters can outnumber the particles at a scale several times below
         theirs (faint Pd on thick silica, 2048 px: 62 specks at r = 4 against 15 particles at r = 13, where the
         frame's own blob scan says 13). A candidate more than ``SMALLER_THAN_SCAN`` times below the frame's own
-        scan radius (:meth:`estimate_scale`) therefore wins only when no other shows ``MIN_MEASURED_PARTICLES``.
-        Larger candidates are never ruled out: the scan errs low on crowded frames, and the count does not lean
-        large.
+        scan radius (:meth:`estimate_scale`) therefore wins only when no other shows ``MIN_MEASURED_PARTICLES``,
+        and is only labelled then. Larger candidates are never ruled out: the scan errs low on crowded frames, and
+        the count does not lean large.
 
         Returns:
             (radius, labels of the frame segmented at it).
         """
-        with ThreadPoolExecutor(min(self.threads, len(radii) + 1)) as pool:
-            scan_radius = pool.submit(self.estimate_scale, image, contrast)
-            labelled = list(pool.map(lambda r: self.label(image, r, contrast), radii))
-            own = scan_radius.result()
-        found = [
-            (sized_count(labels, r), float(r), labels) for r, labels in zip(radii, labelled, strict=True)
-        ]
-        trusted = [f for f in found if f[1] * SMALLER_THAN_SCAN >= own and f[0] >= MIN_MEASURED_PARTICLES]
-        # max keeps the first of equal counts, in the order the radii were given
-        _, radius, labels = max(trusted or found, key=lambda f: f[0])
-        return radius, labels
+        return self.pick_radii([image], radii, contrast)[0]
+
+    def pick_radii(
+        self, images: Sequence[np.ndarray], radii: Sequence[float], contrast: str | None = None
+    ) -> list[tuple[float, np.ndarray]]:
+        """:meth:`pick_radius` of each frame. The frames' blob scans and candidates share one pool of threads,
+        so both cores stay busy to the end of a batch; one frame alone leaves a core idle while its slowest
+        candidate runs (scipy's filters and scikit-image's watershed release the GIL)."""
+        radii = [float(r) for r in radii]
+        with ThreadPoolExecutor(self.threads) as pool:
+            # every scan first: a candidate's task waits for its frame's scan, which is then running or done
+            own = [pool.submit(self.estimate_scale, image, contrast) for image in images]
+
+            def count(k: int, i: int, unless_ruled_out: bool = True) -> tuple[int, float, np.ndarray] | None:
+                if unless_ruled_out and radii[i] * SMALLER_THAN_SCAN < own[k].result():
+                    return None
+                labels = self.label(images[k], radii[i], contrast)
+                return sized_count(labels, radii[i]), radii[i], labels
+
+            tasks = [[pool.submit(count, k, i) for i in range(len(radii))] for k in range(len(images))]
+            picks = []
+            try:
+                for k in range(
+                    len(images)
+                ):  # frame by frame, so that the losers' labels are freed as it goes
+                    found = [task.result() for task in tasks[k]]
+                    tasks[k] = []
+                    trusted = [f for f in found if f is not None and f[0] >= MIN_MEASURED_PARTICLES]
+                    if not trusted:  # the candidates the scan ruled out, now that no other finds enough
+                        later = {i: pool.submit(count, k, i, False) for i, f in enumerate(found) if f is None}
+                        found = [later[i].result() if i in later else f for i, f in enumerate(found)]
+                    # max keeps the first of equal counts, in the order the radii were given
+                    _, radius, labels = max(trusted or found, key=lambda f: f[0])
+                    picks.append((radius, labels))
+            except BaseException:  # a frame that fails fails the batch: don't label the rest first
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            return picks
 
     def particle_diameter(
         self, image: np.ndarray, radii: Sequence[float], contrast: str | None = None
@@ -274,7 +308,7 @@ class ClassicalSegmenter:
         if per == "image" or not len(images):
             return [self.segment(im) for im in images]
         contrast, radii = self.stack_radii(images)
-        return [self.segment(im, radii, contrast) for im in images]
+        return self.segment_many(images, radii, contrast)
 
     def _threshold(self, score: np.ndarray) -> float:
         # Otsu splits particles from support; confidence 0.5 keeps it, 1 raises it by 40%. The floor keeps a
