@@ -260,10 +260,8 @@ class ClassicalSegmenter:
 
             tasks = [[pool.submit(count, k, i) for i in range(len(radii))] for k in range(len(images))]
             picks = []
-            try:
-                for k in range(
-                    len(images)
-                ):  # frame by frame, so that the losers' labels are freed as it goes
+            try:  # frame by frame, so that the losers' labels are freed as it goes
+                for k in range(len(images)):
                     found = [task.result() for task in tasks[k]]
                     tasks[k] = []
                     trusted = [f for f in found if f is not None and f[0] >= MIN_MEASURED_PARTICLES]
