@@ -8,6 +8,7 @@ from tgan_ray.metrics.segmentation import (
     box_detection_scores,
     box_iou,
     dice,
+    instance_iou_matrix,
     match_by_iou,
     mean_iou,
     object_scores,
@@ -131,3 +132,23 @@ def test_box_detection_scores():
     assert box_detection_scores(np.zeros((5, 5)), np.zeros((0, 4)))["f1"] == 1.0
     with pytest.raises(ValueError, match="boxes_xyxy"):
         box_detection_scores(mask, [[1, 2, 3]])
+
+
+def test_instance_iou_matrix_is_every_pair_iou_and_empty_maps_give_empty_matrices():
+    """It counts overlaps on the labelled pixels only; the result must be each pair's IoU over the whole frame."""
+    from skimage.measure import label
+
+    rng = np.random.default_rng(3)
+    ref, pred = label(rng.random((48, 40)) > 0.7), label(rng.random((48, 40)) > 0.6)
+    ref[ref == 3] = 0  # a gap in the label values: rows follow the labels that exist, ascending
+    iou = instance_iou_matrix(ref, pred)
+    ref_ids, pred_ids = np.unique(ref[ref > 0]), np.unique(pred[pred > 0])
+    assert iou.shape == (ref_ids.size, pred_ids.size)
+    for i, a in enumerate(ref_ids):
+        for j, b in enumerate(pred_ids):
+            inter, union = np.sum((ref == a) & (pred == b)), np.sum((ref == a) | (pred == b))
+            assert iou[i, j] == inter / union
+    empty = np.zeros_like(ref)
+    assert instance_iou_matrix(empty, empty).shape == (0, 0)
+    assert instance_iou_matrix(empty, pred).shape == (0, pred_ids.size)
+    assert instance_iou_matrix(ref, empty).shape == (ref_ids.size, 0)

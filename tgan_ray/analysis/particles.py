@@ -65,8 +65,18 @@ def typical_radius_px(mask: np.ndarray) -> float:
     blobs, n = label(_check_mask(mask) > 0, return_num=True, connectivity=2)
     if n == 0:
         return 0.0
-    distance = ndi.distance_transform_edt(blobs > 0)
-    return float(np.median(ndi.maximum(distance, blobs, index=np.arange(1, n + 1))))
+    return _median_inscribed_radius(blobs, n, ndi.distance_transform_edt(blobs > 0))
+
+
+def _median_inscribed_radius(blobs: np.ndarray, n: int, distance: np.ndarray) -> float:
+    return float(np.median(_label_maxima(distance, blobs, n)))
+
+
+def _label_maxima(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """``ndi.maximum(values, labels, 1..n)`` over the labelled pixels only: particles cover a few percent of a
+    frame, and ndi.maximum sorts every pixel (2048 px frame: 0.4 s -> 0.01 s)."""
+    inside = labels > 0
+    return np.asarray(ndi.maximum(values[inside], labels[inside], index=np.arange(1, n + 1)))
 
 
 def split_touching(mask: np.ndarray, min_distance_px: int | None = None) -> np.ndarray:
@@ -85,12 +95,14 @@ def split_touching(mask: np.ndarray, min_distance_px: int | None = None) -> np.n
     mask = _check_mask(mask) > 0
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
-    if min_distance_px is None:
-        min_distance_px = max(1, int(round(_PEAK_SPACING_IN_RADII * typical_radius_px(mask))))
-    elif min_distance_px < 1:
+    if min_distance_px is not None and min_distance_px < 1:
         raise ValueError(f"min_distance_px must be >= 1, got {min_distance_px}")
-    blobs = label(mask, connectivity=2)
+    blobs, n = label(mask, return_num=True, connectivity=2)
     distance = ndi.distance_transform_edt(mask)
+    if min_distance_px is None:  # typical_radius_px(mask), from the blobs and distances already at hand
+        min_distance_px = max(
+            1, int(round(_PEAK_SPACING_IN_RADII * _median_inscribed_radius(blobs, n, distance)))
+        )
     peaks = peak_local_max(distance, min_distance=int(min_distance_px), labels=blobs, exclude_border=False)
     markers = np.zeros(mask.shape, dtype=np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
@@ -107,7 +119,7 @@ def _merge_wide_necks(labels: np.ndarray, distance: np.ndarray) -> np.ndarray:
     n = int(labels.max())
     if n < 2:
         return labels
-    peak = np.asarray(ndi.maximum(distance, labels, index=np.arange(n + 1)))
+    peak = np.concatenate([[0.0], _label_maxima(distance, labels, n)])
     lows, highs, necks = [], [], []
     # Neck half-width between regions a and b: the largest distance value on their shared boundary.
     for a, b, da, db in (

@@ -156,8 +156,12 @@ def instance_iou_matrix(ref_labels: np.ndarray, pred_labels: np.ndarray) -> np.n
         ref_labels, pred_labels: (H, W) label maps, 0 = background. Returns (n_ref, n_pred), where labels are
         re-indexed in ascending order of their value.
     """
-    ref_ids, ref_inv = np.unique(ref_labels, return_inverse=True)
-    pred_ids, pred_inv = np.unique(pred_labels, return_inverse=True)
+    # Only pixels of some instance can overlap: particles cover a few percent of a frame, and unique() sorts.
+    either = (np.asarray(ref_labels) != 0) | (np.asarray(pred_labels) != 0)
+    if not either.any():
+        return np.zeros((0, 0))
+    ref_ids, ref_inv = np.unique(np.asarray(ref_labels)[either], return_inverse=True)
+    pred_ids, pred_inv = np.unique(np.asarray(pred_labels)[either], return_inverse=True)
     # A sparse co-occurrence table gives all intersections in one pass over the pixels.
     overlap = sparse.coo_matrix(
         (np.ones(ref_inv.size, dtype=np.int64), (ref_inv.ravel(), pred_inv.ravel())),
