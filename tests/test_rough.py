@@ -302,3 +302,24 @@ def test_a_candidate_the_scan_rules_out_is_labelled_only_when_no_other_finds_eno
     assert seg.pick_radius(image, [4.0, 13.0])[0] == 13.0 and seg.labelled == [13.0]
     seg = _Counted(13.0)  # at 60 px nothing is found: 4 px is labelled after all, and wins
     assert seg.pick_radius(image, [4.0, 60.0])[0] == 4.0 and sorted(seg.labelled) == [4.0, 60.0]
+
+
+def test_label_statistics_over_the_labelled_pixels_equal_those_over_the_frame():
+    """The plausibility tests measure objects and rings on their own pixels only: the same numbers, bit for bit."""
+    from skimage.measure import regionprops
+
+    from tgan_ray.masks.classical import _axis_ratio, _labelled_stat
+
+    image, truth = em_frame(seed=23, size=256, n=12, radius=8.0)
+    n, index = int(truth.max()), np.arange(1, int(truth.max()) + 1)
+    for stat in (ndi.mean, ndi.standard_deviation):
+        assert np.array_equal(_labelled_stat(stat, image, truth, index), stat(image, truth, index))
+    with np.errstate(invalid="ignore", divide="ignore"):  # no ring at all: NaN for every object, as ndi gives
+        assert np.isnan(_labelled_stat(ndi.mean, image, np.zeros_like(truth), index)).all()
+    # each object's inertia ellipse, pixels taken as unit squares (hence the 1/12), one object at a time
+    by_object = []
+    for p in regionprops(truth):
+        cov = np.cov(p.coords.T.astype(float), bias=True) + np.eye(2) / 12
+        low, high = np.linalg.eigvalsh(cov)
+        by_object.append(np.sqrt(high / low))
+    np.testing.assert_allclose(_axis_ratio(truth, n), by_object, rtol=1e-9)

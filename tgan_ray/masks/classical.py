@@ -328,9 +328,9 @@ class ClassicalSegmenter:
         width = max(2, int(round(0.75 * r)))
         ring = ndi.maximum_filter(labels, size=2 * width + 1) * (labels == 0)
         with np.errstate(invalid="ignore", divide="ignore"):  # a ring swallowed by neighbours: NaN, dropped
-            inside = np.asarray(ndi.mean(seen, labels, index))
-            around = np.asarray(ndi.mean(seen, ring, index))
-            spread = np.asarray(ndi.standard_deviation(seen, ring, index))
+            inside = _labelled_stat(ndi.mean, seen, labels, index)
+            around = _labelled_stat(ndi.mean, seen, ring, index)
+            spread = _labelled_stat(ndi.standard_deviation, seen, ring, index)
         keep = np.zeros(n + 1, bool)
         keep[1:] = (
             (_significance(work, labels, n, r) >= 3.0 + 2.0 * c)
@@ -380,10 +380,20 @@ def _significance(work: np.ndarray, labels: np.ndarray, n: int, r: float) -> np.
     return best
 
 
+def _labelled_stat(stat, values: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``stat(values, labels, index)`` (an ndi label statistic) over the labelled pixels only: the same sums in the
+    same order, but objects and their rings cover a few percent of a frame and ndi passes over every pixel."""
+    inside = labels > 0
+    if not inside.any():
+        return np.full(len(index), np.nan)
+    return np.asarray(stat(values[inside], labels[inside], index))
+
+
 def _axis_ratio(labels: np.ndarray, n: int) -> np.ndarray:
     """Major / minor axis of each label's inertia ellipse (regionprops' axis lengths, vectorised for speed)."""
-    flat = labels.ravel()
-    yy, xx = (a.ravel().astype(float) for a in np.indices(labels.shape))
+    ys, xs = np.nonzero(labels)  # the labelled pixels only: the same sums, without the background's
+    flat = labels[ys, xs]
+    yy, xx = ys.astype(float), xs.astype(float)
     m = [np.bincount(flat, w, minlength=n + 1)[1:] for w in (None, yy, xx, yy * yy, xx * xx, yy * xx)]
     area = np.maximum(m[0], 1)
     cy, cx = m[1] / area, m[2] / area

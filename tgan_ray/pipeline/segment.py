@@ -92,13 +92,14 @@ class SegmentSteps:
             strict = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, r.confidence)
             loose = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, confidence=0.0)
             model = Segmenter(seg["model"], self.data_cfg, self.cfg.segmenter)
-            label_free, confident, candidates = [], [], []
-            for stem in frames:
-                work = self.work_frame(stem)
-                label_free.append(model.segment_working(work))
-                radius, sure = strict.pick_radius(work, radii, settings["contrast"])
-                confident.append(cut_touching(sure))
-                candidates.append(loose.segment(work, radius, settings["contrast"]))
+            works = [self.work_frame(stem) for stem in frames]
+            label_free = [model.segment_working(work) for work in works]
+            picks = strict.pick_radii(works, radii, settings["contrast"])  # the frames share the threads
+            confident = [cut_touching(sure) for _, sure in picks]
+            candidates = [
+                loose.segment(work, radius, settings["contrast"])
+                for work, (radius, _) in zip(works, picks, strict=True)
+            ]
             particles = selfcheck.label_free_particles(label_free)
             agreement = selfcheck.confident_recall(particles, confident)
             support = selfcheck.supported_share(particles, candidates)
