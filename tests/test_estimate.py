@@ -41,7 +41,10 @@ def test_a_larger_tile_is_timed_at_two_probes_and_extrapolated(monkeypatch):
 
 @pytest.mark.integration  # times real optimiser steps
 def test_estimate_times_every_stage_and_says_when_a_cpu_run_is_long():
-    cfg = load_config("quick", overrides={"segmenter.steps_per_epoch": 1, "run.rounds": 2})
+    # Batches of one: what is tested is the arithmetic and the line, and the probes' cost grows with the batch
+    # (the quick preset's batches of 4 and 8 took up to 106 s on 2 crowded cores).
+    one = {f"{stage}.batch_size": 1 for stage in est._STAGES}
+    cfg = load_config("quick", overrides={**one, "segmenter.steps_per_epoch": 1, "run.rounds": 2})
     estimate = est.estimate_training(cfg)
     for stage in ("pix2pix", "cyclegan", "segmenter"):
         row = estimate[stage]
@@ -52,7 +55,7 @@ def test_estimate_times_every_stage_and_says_when_a_cpu_run_is_long():
     torch.manual_seed(1)
     expected = torch.rand(3)
     torch.manual_seed(1)
-    est.estimate_training(load_config("quick", overrides={"pix2pix.steps_per_epoch": 1}))
+    est.estimate_training(load_config("quick", overrides={**one, "pix2pix.steps_per_epoch": 1}))
     assert torch.equal(torch.rand(3), expected)
     line = est.estimate_line(estimate)
     assert line.startswith("training ~") and "faster" not in line
