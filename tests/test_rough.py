@@ -308,14 +308,15 @@ def test_label_statistics_over_the_labelled_pixels_equal_those_over_the_frame():
     """The plausibility tests measure objects and rings on their own pixels only: the same numbers, bit for bit."""
     from skimage.measure import regionprops
 
-    from tgan_ray.masks.classical import _axis_ratio, _labelled_stat
+    from tgan_ray.masks.classical import _axis_ratio
+    from tgan_ray.masks.particle_labels import labelled_stat
 
     image, truth = em_frame(seed=23, size=256, n=12, radius=8.0)
     n, index = int(truth.max()), np.arange(1, int(truth.max()) + 1)
     for stat in (ndi.mean, ndi.standard_deviation):
-        assert np.array_equal(_labelled_stat(stat, image, truth, index), stat(image, truth, index))
+        assert np.array_equal(labelled_stat(stat, image, truth, index), stat(image, truth, index))
     with np.errstate(invalid="ignore", divide="ignore"):  # no ring at all: NaN for every object, as ndi gives
-        assert np.isnan(_labelled_stat(ndi.mean, image, np.zeros_like(truth), index)).all()
+        assert np.isnan(labelled_stat(ndi.mean, image, np.zeros_like(truth), index)).all()
     # each object's inertia ellipse, pixels taken as unit squares (hence the 1/12), one object at a time
     by_object = []
     for p in regionprops(truth):

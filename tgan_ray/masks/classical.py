@@ -29,7 +29,13 @@ from skimage.segmentation import relabel_sequential
 from skimage.transform import resize
 
 from tgan_ray.io import normalize_intensity
-from tgan_ray.masks.particle_labels import cut_touching, grow_to_edges, split_particles, upsample_labels
+from tgan_ray.masks.particle_labels import (
+    cut_touching,
+    grow_to_edges,
+    labelled_stat,
+    split_particles,
+    upsample_labels,
+)
 from tgan_ray.masks.scale_space import (
     Contrast,
     bright_radius,
@@ -328,9 +334,9 @@ class ClassicalSegmenter:
         width = max(2, int(round(0.75 * r)))
         ring = ndi.maximum_filter(labels, size=2 * width + 1) * (labels == 0)
         with np.errstate(invalid="ignore", divide="ignore"):  # a ring swallowed by neighbours: NaN, dropped
-            inside = _labelled_stat(ndi.mean, seen, labels, index)
-            around = _labelled_stat(ndi.mean, seen, ring, index)
-            spread = _labelled_stat(ndi.standard_deviation, seen, ring, index)
+            inside = labelled_stat(ndi.mean, seen, labels, index)
+            around = labelled_stat(ndi.mean, seen, ring, index)
+            spread = labelled_stat(ndi.standard_deviation, seen, ring, index)
         keep = np.zeros(n + 1, bool)
         keep[1:] = (
             (_significance(work, labels, n, r) >= 3.0 + 2.0 * c)
@@ -380,17 +386,8 @@ def _significance(work: np.ndarray, labels: np.ndarray, n: int, r: float) -> np.
     return best
 
 
-def _labelled_stat(stat, values: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """``stat(values, labels, index)`` (an ndi label statistic) over the labelled pixels only: the same sums in the
-    same order, but objects and their rings cover a few percent of a frame and ndi passes over every pixel."""
-    inside = labels > 0
-    if not inside.any():
-        return np.full(len(index), np.nan)
-    return np.asarray(stat(values[inside], labels[inside], index))
-
-
 def _axis_ratio(labels: np.ndarray, n: int) -> np.ndarray:
-    """Major / minor axis of each label's inertia ellipse (regionprops' axis lengths, vectorised for speed)."""
+    """Major / minor axis of each label's inertia ellipse, each pixel a unit square (vectorised for speed)."""
     ys, xs = np.nonzero(labels)  # the labelled pixels only: the same sums, without the background's
     flat = labels[ys, xs]
     yy, xx = ys.astype(float), xs.astype(float)

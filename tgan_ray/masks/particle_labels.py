@@ -14,6 +14,19 @@ from skimage.segmentation import watershed
 from skimage.transform import resize
 
 
+def labelled_stat(stat, values: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``stat(values, labels, index)`` (an ndi label statistic: mean, maximum, ...) over the labelled pixels only.
+
+    The same sums in the same order, so the same numbers; but particles and their rings cover a few percent of a
+    frame, and ndi passes over (for maximum: sorts) every pixel (2048 px frame: 0.4 s -> 0.01 s). NaN for every
+    index when nothing is labelled, as ndi's mean gives.
+    """
+    inside = labels > 0
+    if not inside.any():
+        return np.full(len(index), np.nan)
+    return np.asarray(stat(values[inside], labels[inside], index))
+
+
 def cut_touching(labels: np.ndarray) -> np.ndarray:
     """Boolean mask with a 1-px gap wherever two labels touch, so a saved 0/1 mask keeps them apart."""
     return (labels > 0) & ~(ndi.maximum_filter(labels, size=3) > labels)
