@@ -229,6 +229,23 @@ def test_frames_segmented_together_get_the_masks_they_get_alone():
         assert np.array_equal(mask, ClassicalSegmenter("bright", threads=1).segment(frame, radii))
 
 
+def test_candidates_are_the_loosest_blobs_at_the_radius_each_frame_picked():
+    """segment_with_candidates: the masks of segment_many, and with each the confidence-0 blobs at the frame's
+    own pick of the candidate radii, which find more of the faint particles than the strict masks."""
+    frames = [em_frame(seed=s, size=size, radius=r)[0] for s, size, r in ((16, 256, 5.0), (17, 512, 10.0))]
+    radii = [5.0, 10.0]
+    strict = ClassicalSegmenter("bright", threads=2)
+    both = strict.segment_with_candidates(frames, radii, "bright")
+    loose = ClassicalSegmenter("bright", confidence=0.0)
+    for frame, mask, (got_mask, candidates) in zip(
+        frames, strict.segment_many(frames, radii, "bright"), both, strict=True
+    ):
+        assert np.array_equal(got_mask, mask)
+        radius = strict.pick_radius(frame, radii, "bright")[0]
+        assert np.array_equal(candidates, loose.segment(frame, radius, "bright"))
+        assert label(candidates).max() > label(mask).max()
+
+
 def test_each_frame_of_a_mixed_stack_takes_its_own_scale():
     """Frames of two magnifications in one stack: each is segmented at the stack radius that suits it."""
     frames = [em_frame(seed=12, size=256, radius=5.0), em_frame(seed=13, size=768, radius=15.0)]

@@ -179,20 +179,28 @@ def test_segment_local_stack_into_masks_dir_same_masks_as_in_process(
 
     # segmenter.merge_rough (the default): plus the rough segmenter's particles that touch none of the network's.
     # A checkpoint whose real particles' contrast no frame reaches: step 8 drops every particle the network marks
-    # as too faint (Segmenter.drop_faint), so the masks are the rough segmenter's.
+    # as too faint (Segmenter.drop_faint), so the masks are the rough segmenter's, plus (merge_candidates, the
+    # default) its loose candidates where the network's probability passes 0.2.
+    from tgan_ray.analysis.selfcheck import add_agreed_candidates
     from tgan_ray.models import load_segmenter, save_segmenter
     from tgan_ray.segment_actor import rough_segment_fn
 
     net, meta = load_segmenter(str(segmenter_path))
     unreachable = save_segmenter(net, tmp_path / "faint.pt", meta={**meta, "particle_contrast": 10.0})
     segment_stack(unreachable, stack_dir, tmp_path / "merged", _cfg())
-    rough = rough_segment_fn(json.loads((tmp_path / "merged" / "segment.json").read_text())["merge_rough"])
+    settings = json.loads((tmp_path / "merged" / "segment.json").read_text())
+    assert settings["merge_candidates"] is True
+    rough = rough_segment_fn(settings["merge_rough"], candidates=True)
+    added = 0
     for src in sorted(stack_dir.glob("*.png")):
         image = normalize_intensity(read_image(str(src)).data, d.norm_low_percentile, d.norm_high_percentile)
         merged = np.asarray(Image.open(tmp_path / "merged" / "masks" / f"{src.stem}.png")) > 127
-        expected = rough([image])[0]
-        assert expected.any()
+        [(rough_mask, candidates)] = rough([image])
+        assert rough_mask.any()
+        expected = add_agreed_candidates(rough_mask, candidates, segmenter.probability(image))
         np.testing.assert_array_equal(merged, expected)
+        added += int((expected & ~rough_mask).any())
+    assert added  # some frame gained a candidate both segmenters see
     led = pd.read_parquet(tmp_path / "merged" / "images.parquet")["lead"]
     assert (led == "rough").all()  # the network found none of the rough particles on any frame
 

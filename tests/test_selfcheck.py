@@ -147,3 +147,24 @@ def test_merge_with_rough_lets_the_network_lead_unless_it_misses_most_rough_part
     # A frame without rough particles: nothing to check the network against, so it leads.
     merged, lead = selfcheck.merge_with_rough(extra, np.zeros(shape, bool))
     assert lead == selfcheck.LEAD_NETWORK and (merged == extra).all()
+
+
+def test_a_candidate_both_segmenters_see_is_added_and_no_other():
+    """add_agreed_candidates: a loose rough blob that touches none of the mask's particles is added where
+    NPsSegNet's probability passes 0.2 somewhere in it; one the network gives 0.2 or less, or one that touches a
+    particle of the mask (whose outline stays the mask's), is not."""
+    mask = np.zeros((60, 60), bool)
+    mask[5:15, 5:15] = True  # a particle of the merged mask
+    candidates = np.zeros_like(mask)
+    candidates[3:17, 3:17] = True  # a looser outline of the same particle
+    candidates[30:38, 5:13] = True  # seen by both
+    candidates[30:38, 40:48] = True  # a blob of support the network does not mark
+    probability = np.full(mask.shape, 0.05, np.float32)
+    probability[33, 8] = 0.3  # one pixel is enough: the blob's outline is the rough segmenter's
+    probability[30:38, 40:48] = selfcheck.CANDIDATE_PROBABILITY  # not above it
+    probability[3:17, 3:17] = 0.9
+    out = selfcheck.add_agreed_candidates(mask, candidates, probability)
+    expected = mask.copy()
+    expected[30:38, 5:13] = True
+    assert np.array_equal(out, expected)
+    assert np.array_equal(selfcheck.add_agreed_candidates(mask, np.zeros_like(mask), probability), mask)

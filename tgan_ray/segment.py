@@ -189,6 +189,8 @@ def _plan_segmenter(model: str | None, uris: list[str], cfg: Config, rough: bool
     if cfg.segmenter.merge_rough and cfg.rough.method == "classical":
         try:
             plan.rough = plan.identity["merge_rough"] = rough_stack_settings(uris, cfg)
+            if cfg.segmenter.merge_candidates:
+                plan.identity["merge_candidates"] = True
         except ScaleOutError:  # no frame readable: the actors report each one; nothing to merge
             pass
     return plan

@@ -101,7 +101,9 @@ class SegmentActor:
         threads = self.threads = use_actor_cpus()
         self.segmenter = None
         self.frame_scales = frame_scales or {}
-        self.rough = None if rough is None else rough_segment_fn(rough, threads)
+        # With a model: the rough masks to merge, and with segmenter.merge_candidates the loose candidates too.
+        self.candidates = model_ref[0] is not None and seg_cfg.merge_candidates
+        self.rough = None if rough is None else rough_segment_fn(rough, threads, self.candidates)
         if model_ref[0] is not None:
             from tgan_ray.inference import Segmenter
 
@@ -139,7 +141,13 @@ class SegmentActor:
 
     def _segment(self, items: list[dict[str, Any]]) -> None:
         """Masks (and the network's uncertainty on them) of the frames read in this batch, in one go."""
-        from tgan_ray.analysis.selfcheck import LEAD_NETWORK, LEAD_ROUGH, merge_with_rough, uncertainty
+        from tgan_ray.analysis.selfcheck import (
+            LEAD_NETWORK,
+            LEAD_ROUGH,
+            add_agreed_candidates,
+            merge_with_rough,
+            uncertainty,
+        )
         from tgan_ray.masks.classical import MIN_FRAME_PX
 
         todo = [it for it in items if it["image"] is not None]
@@ -151,17 +159,21 @@ class SegmentActor:
         probabilities = self.segmenter.probabilities([it["image"] for it in todo], scales)
         # segmenter.merge_rough: with the rough segmenter's masks, the network leading unless it misses most of the
         # rough particles (a frame too small for the classical segmenter keeps the network's mask). The rough
-        # particles also set the frame's faint bar (Segmenter.drop_faint).
-        roughs: list[np.ndarray | None] = [None] * len(todo)
+        # particles also set the frame's faint bar (Segmenter.drop_faint). segmenter.merge_candidates: plus the
+        # loose rough candidates NPsSegNet also marks.
+        roughs: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(todo)
         if self.rough is not None:
             fit = [i for i, it in enumerate(todo) if min(it["image"].shape) >= MIN_FRAME_PX]
-            for i, mask in zip(fit, self.rough([todo[i]["image"] for i in fit]), strict=True):
-                roughs[i] = mask
-        for it, probability, scale, rough in zip(todo, probabilities, scales, roughs, strict=True):
+            for i, out in zip(fit, self.rough([todo[i]["image"] for i in fit]), strict=True):
+                roughs[i] = out if self.candidates else (out, None)
+        for it, probability, scale, both in zip(todo, probabilities, scales, roughs, strict=True):
+            rough, candidates = both or (None, None)
             it["mask"] = self.segmenter.to_mask(probability, scale=scale, image=it["image"], rough=rough)
             it["row"]["lead"] = LEAD_NETWORK
             if rough is not None:
                 it["mask"], it["row"]["lead"] = merge_with_rough(it["mask"], rough)
+            if candidates is not None:
+                it["mask"] = add_agreed_candidates(it["mask"], candidates, probability)
             it["row"]["uncertainty"] = uncertainty(probability)
 
     def _finish(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -249,9 +261,10 @@ class SegmentActor:
         return {key: np.array([r[key] for r in rows], dtype=_ROW_DTYPES.get(key, object)) for key in keys}
 
 
-def rough_segment_fn(rough: dict[str, Any], threads: int | None = None):
+def rough_segment_fn(rough: dict[str, Any], threads: int | None = None, candidates: bool = False):
     """``images -> masks`` of the classical segmenter at the stack's contrast and radii (see SegmentActor), the
-    frames of a batch sharing ``threads`` threads (None: every CPU of this process)."""
+    frames of a batch sharing ``threads`` threads (None: every CPU of this process). ``candidates``:
+    ``images -> [(mask, candidates)]`` (:meth:`~tgan_ray.masks.ClassicalSegmenter.segment_with_candidates`)."""
     from functools import partial
 
     from tgan_ray.config import RoughMaskConfig
@@ -259,4 +272,5 @@ def rough_segment_fn(rough: dict[str, Any], threads: int | None = None):
 
     c = RoughMaskConfig.model_validate(rough["config"])
     segmenter = ClassicalSegmenter(c.particle_contrast, c.min_particle_px, c.confidence, threads)
-    return partial(segmenter.segment_many, radii=rough["radii"], contrast=rough["contrast"])
+    method = segmenter.segment_with_candidates if candidates else segmenter.segment_many
+    return partial(method, radii=rough["radii"], contrast=rough["contrast"])

@@ -35,6 +35,8 @@ from skimage.measure import label, regionprops
 # particles have a classical candidate under them less often than this, is flagged: "most of them".
 MIN_CONFIDENT_RECALL = 0.5
 MIN_SUPPORTED = 0.5
+# NPsSegNet's probability above which a pixel is a candidate: a later round's pseudo-labels call p 0.2-0.5 unsure.
+CANDIDATE_PROBABILITY = 0.2
 # Step 2: fewest particles per frame, size band around the working scale, least contrast-to-noise ratio.
 MIN_PARTICLES_PER_FRAME = 2.0
 SIZE_BAND = (0.5, 2.0)
@@ -189,7 +191,39 @@ def merge_with_rough(network: np.ndarray, rough: np.ndarray) -> tuple[np.ndarray
     return rough | unmasked_particles(network, rough), LEAD_ROUGH
 
 
-def uncertainty(probability: np.ndarray, low: float = 0.2, high: float = 0.8) -> float:
+def add_agreed_candidates(
+    mask: np.ndarray,
+    candidates: np.ndarray,
+    probability: np.ndarray,
+    threshold: float = CANDIDATE_PROBABILITY,
+) -> np.ndarray:
+    """``mask`` plus each particle both segmenters call a candidate (``segmenter.merge_candidates``): a blob of
+    the rough segmenter at its loosest setting that touches none of the mask's particles and where NPsSegNet's
+    probability passes ``threshold`` (the level at which a later round's pseudo-labels call a pixel unsure).
+
+    Either signal alone is weak: on the shared real stacks the loose blobs hold most of the particles both
+    segmenters miss, and as many false ones; the network's probability picks the real ones out of them
+    (docs/quality.md, "Candidates both segmenters see").
+
+    Args:
+        mask: (H, W) bool, the frame's merged mask.
+        candidates: (H, W) bool, the rough segmenter's blobs at confidence 0 (touching ones cut apart).
+        probability: (H, W) NPsSegNet's particle probability of the frame.
+    """
+    from scipy import ndimage as ndi
+
+    from tgan_ray.masks.consistency import unmasked_particles
+
+    blobs = label(unmasked_particles(candidates, mask))
+    n = int(blobs.max())
+    if n == 0:
+        return mask
+    keep = np.zeros(n + 1, bool)
+    keep[1:] = ndi.maximum(probability, blobs, np.arange(1, n + 1)) > threshold
+    return mask | keep[blobs]
+
+
+def uncertainty(probability: np.ndarray, low: float = CANDIDATE_PROBABILITY, high: float = 0.8) -> float:
     """Share of the pixels a segmenter marks at all (p > low) that it is unsure of (low < p < high)."""
     marked = probability > low
     if not marked.any():

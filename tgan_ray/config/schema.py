@@ -233,6 +233,14 @@ class SegmenterConfig(_Section):
         '`lead`; docs/quality.md, "Merged with the rough particles"). Costs about one classical pass per frame; '
         "Serve returns NPsSegNet's masks alone. False: NPsSegNet's masks alone.",
     )
+    merge_candidates: bool = Field(
+        True,
+        description="With merge_rough, also add each particle both segmenters call a candidate: a blob the rough "
+        "segmenter finds at its loosest setting (confidence 0), touching none of the merged particles, where "
+        "NPsSegNet's probability passes 0.2. Neither signal alone picks real particles out (the loose blobs are "
+        'half support); together they raised F1 on every shared real stack (docs/quality.md, "Candidates both '
+        'segmenters see"). Costs one more classical pass per frame at its picked radius.',
+    )
     min_particle_fraction: float = Field(
         0.5,
         ge=0,

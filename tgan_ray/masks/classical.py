@@ -182,6 +182,18 @@ class ClassicalSegmenter:
         (:meth:`pick_radii`). Same masks as one frame at a time."""
         return [cut_touching(labels) for _, labels in self.pick_radii(images, radii, contrast)]
 
+    def segment_with_candidates(
+        self, images: Sequence[np.ndarray], radii: Sequence[float], contrast: str | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`segment_many`'s mask of each frame, and its candidates: what the segmenter finds at its loosest
+        setting (confidence 0) at the radius the frame picked, the particles step 2's pseudo-labels call unsure.
+        """
+        loose = ClassicalSegmenter(self.particle_contrast, self.min_particle_px, 0.0, self.threads)
+        picks = self.pick_radii(images, radii, contrast)
+        with ThreadPoolExecutor(self.threads) as pool:
+            candidates = pool.map(lambda im, pick: loose.segment(im, pick[0], contrast), images, picks)
+            return [(cut_touching(labels), c) for (_, labels), c in zip(picks, candidates, strict=True)]
+
     def label(
         self,
         image: np.ndarray,

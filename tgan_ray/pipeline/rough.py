@@ -87,6 +87,7 @@ class RoughStep:
 
     def _model_rough(self, rnd: int):
         """``work -> (confident mask, candidate mask)`` of an NPsSegNet: p > 0.5, and p > 0.2."""
+        from tgan_ray.analysis.selfcheck import CANDIDATE_PROBABILITY
         from tgan_ray.inference import Segmenter
 
         if rnd == 1:
@@ -99,6 +100,6 @@ class RoughStep:
 
         def segment(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             probability = seg.probability_working(work)
-            return seg.working_mask(probability, work), probability > 0.2
+            return seg.working_mask(probability, work), probability > CANDIDATE_PROBABILITY
 
         return segment
