@@ -237,9 +237,9 @@ class SegmenterConfig(_Section):
         True,
         description="With merge_rough, also add each particle both segmenters call a candidate: a blob the rough "
         "segmenter finds at its loosest setting (confidence 0), touching none of the merged particles, where "
-        "NPsSegNet's probability passes 0.2. Neither signal alone picks real particles out (the loose blobs are "
-        'half support); together they raised F1 on every shared real stack (docs/quality.md, "Candidates both '
-        'segmenters see"). Costs one more classical pass per frame at its picked radius.',
+        "NPsSegNet's probability passes 0.2. Neither signal alone picks real particles out (most loose blobs are "
+        "support); together they raised F1 on each of the four shared real stacks re-run with it (docs/"
+        'quality.md, "Candidates both segmenters see"). Costs one more classical pass per frame at its radius.',
     )
     min_particle_fraction: float = Field(
         0.5,
