@@ -201,8 +201,8 @@ def add_agreed_candidates(
     the rough segmenter at its loosest setting that touches none of the mask's particles and where NPsSegNet's
     probability passes ``threshold`` (the level at which a later round's pseudo-labels call a pixel unsure).
 
-    Either signal alone is weak: on the shared real stacks the loose blobs hold most of the particles both
-    segmenters miss, and as many false ones; the network's probability picks the real ones out of them
+    Either signal alone is weak: on PtW the loose blobs hold 44% of the particles the merged masks miss, among
+    ten times as many grains of support; the network's probability picks the real ones out of them
     (docs/quality.md, "Candidates both segmenters see").
 
     Args:
@@ -213,13 +213,14 @@ def add_agreed_candidates(
     from scipy import ndimage as ndi
 
     from tgan_ray.masks.consistency import unmasked_particles
+    from tgan_ray.masks.particle_labels import labelled_stat
 
     blobs = label(unmasked_particles(candidates, mask))
     n = int(blobs.max())
     if n == 0:
         return mask
     keep = np.zeros(n + 1, bool)
-    keep[1:] = ndi.maximum(probability, blobs, np.arange(1, n + 1)) > threshold
+    keep[1:] = labelled_stat(ndi.maximum, probability, blobs, np.arange(1, n + 1)) > threshold
     return mask | keep[blobs]
 
 
