@@ -141,13 +141,7 @@ class SegmentActor:
 
     def _segment(self, items: list[dict[str, Any]]) -> None:
         """Masks (and the network's uncertainty on them) of the frames read in this batch, in one go."""
-        from tgan_ray.analysis.selfcheck import (
-            LEAD_NETWORK,
-            LEAD_ROUGH,
-            add_agreed_candidates,
-            merge_with_rough,
-            uncertainty,
-        )
+        from tgan_ray.analysis.selfcheck import LEAD_ROUGH, tandem_mask, uncertainty
         from tgan_ray.masks.classical import MIN_FRAME_PX
 
         todo = [it for it in items if it["image"] is not None]
@@ -168,12 +162,9 @@ class SegmentActor:
                 roughs[i] = out if self.candidates else (out, None)
         for it, probability, scale, both in zip(todo, probabilities, scales, roughs, strict=True):
             rough, candidates = both or (None, None)
-            it["mask"] = self.segmenter.to_mask(probability, scale=scale, image=it["image"], rough=rough)
-            it["row"]["lead"] = LEAD_NETWORK
-            if rough is not None:
-                it["mask"], it["row"]["lead"] = merge_with_rough(it["mask"], rough)
-            if candidates is not None:
-                it["mask"] = add_agreed_candidates(it["mask"], candidates, probability)
+            it["mask"], it["row"]["lead"] = tandem_mask(
+                self.segmenter, probability, it["image"], scale, rough, candidates
+            )
             it["row"]["uncertainty"] = uncertainty(probability)
 
     def _finish(self, item: dict[str, Any]) -> dict[str, Any]:

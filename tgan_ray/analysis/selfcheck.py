@@ -224,6 +224,35 @@ def add_agreed_candidates(
     return mask | keep[blobs]
 
 
+def tandem_mask(
+    segmenter,
+    probability: np.ndarray,
+    image: np.ndarray,
+    scale: float | None = None,
+    rough: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
+) -> tuple[np.ndarray, str]:
+    """Step 8's mask of one frame from both segmenters: NPsSegNet's, its faint particles dropped against the bar
+    ``rough``'s particles set (:meth:`~tgan_ray.inference.Segmenter.to_mask`), merged with ``rough``
+    (:func:`merge_with_rough`) and with the ``candidates`` it also marks (:func:`add_agreed_candidates`).
+
+    Args:
+        segmenter: the :class:`~tgan_ray.inference.Segmenter` whose ``probability`` of ``image`` this is.
+        scale: the frame's working scale (None: the model's); ``rough``, ``candidates``: (H, W) bool or None,
+            which leaves that part out.
+
+    Returns:
+        The (H, W) bool mask, and which segmenter led (:data:`LEAD_NETWORK` or :data:`LEAD_ROUGH`).
+    """
+    mask = segmenter.to_mask(probability, scale=scale, image=image, rough=rough)
+    lead = LEAD_NETWORK
+    if rough is not None:
+        mask, lead = merge_with_rough(mask, rough)
+    if candidates is not None:
+        mask = add_agreed_candidates(mask, candidates, probability)
+    return mask, lead
+
+
 def uncertainty(probability: np.ndarray, low: float = CANDIDATE_PROBABILITY, high: float = 0.8) -> float:
     """Share of the pixels a segmenter marks at all (p > low) that it is unsure of (low < p < high)."""
     marked = probability > low

@@ -72,7 +72,6 @@ class SegmentSteps:
         from tgan_ray.analysis import selfcheck
         from tgan_ray.inference import Segmenter
         from tgan_ray.masks import ClassicalSegmenter
-        from tgan_ray.masks.particle_labels import cut_touching
 
         rough = self.manifest.outputs(round_step(1, "rough"))
         settings = rough.get("settings") or {}
@@ -90,16 +89,13 @@ class SegmentSteps:
         if radii:
             r = self.cfg.rough
             strict = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, r.confidence)
-            loose = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, confidence=0.0)
             model = Segmenter(seg["model"], self.data_cfg, self.cfg.segmenter)
             works = [self.work_frame(stem) for stem in frames]
             label_free = [model.segment_working(work) for work in works]
-            picks = strict.pick_radii(works, radii, settings["contrast"])  # the frames share the threads
-            confident = [cut_touching(sure) for _, sure in picks]
-            candidates = [
-                loose.segment(work, radius, settings["contrast"])
-                for work, (radius, _) in zip(works, picks, strict=True)
-            ]
+            # the frames share the threads; the candidates are the loose blobs at each frame's picked radius
+            confident, candidates = zip(
+                *strict.segment_with_candidates(works, radii, settings["contrast"]), strict=True
+            )
             particles = selfcheck.label_free_particles(label_free)
             agreement = selfcheck.confident_recall(particles, confident)
             support = selfcheck.supported_share(particles, candidates)
