@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from tgan_ray.manifest import round_step
 from tgan_ray.pipeline.common import count_particles, load_mask, save_pngs_named, spread
 
 
@@ -89,8 +88,10 @@ class RoughStep:
     def _model_rough(self, rnd: int):
         """``work -> (confident mask, candidate mask)`` of an NPsSegNet: p > 0.5, and p > 0.2.
 
-        A later round of a run whose round 1 was classical learns from what step 8 would have returned instead
-        (:meth:`_tandem`): the network alone misses particles its teacher found (PtW: F1 0.75 alone, 0.82 merged).
+        Not merged with the classical segmenter as step 8 merges them: a round 2 taught by the merged masks
+        (unsure: p > 0.2 and the loose classical blobs) lost precision on every PtW frame, F1 0.765 against 0.842
+        taught by the network alone. Likely cause: the loose blobs, mostly grains of support, were left out of
+        the loss instead of taught as support (docs/quality.md, "A second round").
         """
         from tgan_ray.analysis.selfcheck import CANDIDATE_PROBABILITY
         from tgan_ray.inference import Segmenter
@@ -102,34 +103,9 @@ class RoughStep:
         else:
             model = self.run_dir / f"round{rnd - 1}" / "npssegnet.pt"
         seg = Segmenter(model, self.data_cfg, self.cfg.segmenter)
-        tandem = self._tandem(seg, rnd)
 
         def segment(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             probability = seg.probability_working(work)
-            unsure = probability > CANDIDATE_PROBABILITY
-            if tandem is None:
-                return seg.working_mask(probability, work), unsure
-            return tandem(work, probability, unsure)
-
-        return segment
-
-    def _tandem(self, seg, rnd: int):
-        """``(work, probability, unsure) -> (confident, candidates)`` as step 8 merges (``segmenter.merge_rough``,
-        ``merge_candidates``), with round 1's classical settings; None where step 8 would not merge."""
-        from tgan_ray.analysis.selfcheck import tandem_mask
-        from tgan_ray.masks import ClassicalSegmenter
-
-        s, r = self.cfg.segmenter, self.cfg.rough
-        if rnd == 1 or not s.merge_rough:
-            return None
-        settings = self.manifest.outputs(round_step(1, "rough")).get("settings") or {}
-        if not settings.get("radii"):  # round 1 used a seed model or Segment Anything
-            return None
-        strict = ClassicalSegmenter(r.particle_contrast, r.min_particle_px, r.confidence)
-
-        def segment(work: np.ndarray, probability: np.ndarray, unsure: np.ndarray):
-            rough, loose = strict.segment_with_candidates([work], settings["radii"], settings["contrast"])[0]
-            agreed = loose if s.merge_candidates else None
-            return tandem_mask(seg, probability, work, 1.0, rough, agreed)[0], unsure | loose
+            return seg.working_mask(probability, work), probability > CANDIDATE_PROBABILITY
 
         return segment
