@@ -22,7 +22,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label
 
 from tgan_ray.analysis import split_touching
-from tgan_ray.analysis.selfcheck import add_agreed_candidates, merge_with_rough
+from tgan_ray.analysis.selfcheck import add_agreed_candidates, tandem_mask
 from tgan_ray.config import Config
 from tgan_ray.data.working import working_scale
 from tgan_ray.inference import Segmenter
@@ -50,8 +50,7 @@ def rebuilt_frames(run: Path, stack) -> dict[str, dict]:
         stems, images, probabilities, scales, rough, strict=True
     ):
         scale = scale or working_scale(image.shape, data)
-        network = segmenter.to_mask(probability, scale=scale, image=image, rough=rough_mask)
-        merged = merge_with_rough(network, rough_mask)[0]
+        merged = tandem_mask(segmenter, probability, image, scale, rough_mask)[0]  # step 8 without candidates
         free = unmasked_particles(candidates, merged)
         over_bar = segmenter.drop_faint(free, image, scale, rough_mask)
         out[stem] = {"p": probability, "rough": rough_mask, "merged": merged, "candidates": candidates}
