@@ -29,7 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label
-from skimage.segmentation import expand_labels
+
+from tgan_ray.masks.particle_labels import expand_labels_near, labelled_stat
 
 # Width of the support ring around each particle, px at the working scale.
 RING_PX = 3
@@ -43,7 +44,7 @@ def particle_contrast(
     Args:
         image: (H, W) float in [0, 1].
         mask: (H, W) bool particle mask.
-        ring_px: ring width; rings stop where they meet another particle's (``expand_labels``).
+        ring_px: ring width; rings stop where they meet another particle's (``expand_labels_near``).
 
     Returns:
         (contrast per particle (K,), labels (H, W) int, particle k = label k + 1).
@@ -51,11 +52,11 @@ def particle_contrast(
     labels = label(mask)
     if labels.max() == 0:
         return np.zeros(0, np.float32), labels
-    ring = np.where(mask, 0, expand_labels(labels, ring_px))
+    ring = np.where(mask, 0, expand_labels_near(labels, ring_px))
     index = np.arange(1, labels.max() + 1)
-    inside = np.asarray(ndi.mean(image, labels, index))
+    inside = labelled_stat(ndi.mean, image, labels, index)
     with np.errstate(invalid="ignore", divide="ignore"):  # an empty ring gives 0/0: handled below
-        around = np.asarray(ndi.mean(image, ring, index))
+        around = labelled_stat(ndi.mean, image, ring, index)
     # A particle filling its whole tile has no ring: nothing to compare, so it counts as drawn.
     return np.nan_to_num(inside - around, nan=np.inf).astype(np.float32), labels
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.segmentation import watershed
+from skimage.segmentation import expand_labels, watershed
 from skimage.transform import resize
 
 
@@ -25,6 +25,51 @@ def labelled_stat(stat, values: np.ndarray, labels: np.ndarray, index: np.ndarra
     if not inside.any():
         return np.full(len(index), np.nan)
     return np.asarray(stat(values[inside], labels[inside], index))
+
+
+def inside_distance(mask: np.ndarray) -> np.ndarray:
+    """``ndi.distance_transform_edt(mask)``, the same numbers, computed blob by blob in each blob's box grown by 1 px.
+
+    A blob pixel's nearest background pixel always lies in that box: on a digital line from the pixel to any
+    background pixel, the first pixel off the 8-connected blob is background, touches the blob and is no farther.
+    Particles cover a few percent of a frame, so the boxes hold far fewer pixels than the frame (a 2048 px PtW frame's
+    mask: 0.4-0.6 s -> 0.03 s).
+    """
+    mask = np.asarray(mask, bool)
+    if mask.all() or not mask.any():
+        return ndi.distance_transform_edt(mask)
+    blobs, _ = ndi.label(mask, structure=np.ones((3, 3)))
+    distance = np.zeros(mask.shape)
+    for i, box in enumerate(ndi.find_objects(blobs), start=1):
+        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        own = blobs[grown] == i
+        distance[grown][own] = ndi.distance_transform_edt(mask[grown])[own]
+    return distance
+
+
+def expand_labels_near(labels: np.ndarray, distance: int) -> np.ndarray:
+    """skimage's ``expand_labels(labels, distance)``, run on the box of each group of particles within reach of one
+    another instead of over the whole frame. A pixel within ``distance`` of a particle lies in that particle's
+    group, with every particle as near, so it gets the same label (bit for bit on random masks, tests/test_rough.py)
+    in half the time: on a 2048 px frame with particles on a few percent of it, the whole-frame distance transform
+    is mostly spent far from any.
+    """
+    near = ndi.binary_dilation(labels > 0, disk_footprint(distance + 1))
+    groups, _ = ndi.label(near, structure=np.ones((3, 3)))
+    expanded = np.zeros_like(labels)
+    for i, box in enumerate(ndi.find_objects(groups), start=1):
+        own = groups[box] == i
+        expanded[box][own] = expand_labels(labels[box], distance)[own]
+    return expanded
+
+
+def disk_footprint(radius: float) -> np.ndarray:
+    """Offsets within ``radius`` of the centre: a dilation by it marks the pixels at most ``radius`` from an object,
+    as a distance transform's ``<= radius`` does, without computing every pixel's distance (2048 px: 0.3 -> 0.05 s).
+    Not skimage's ``disk``, which takes an integer radius."""
+    k = int(np.floor(radius))
+    yy, xx = np.mgrid[-k : k + 1, -k : k + 1]
+    return yy**2 + xx**2 <= radius**2
 
 
 def cut_touching(labels: np.ndarray) -> np.ndarray:
@@ -43,7 +88,7 @@ def split_particles(binary: np.ndarray, r: float, min_area: float) -> np.ndarray
     small = np.bincount(blobs.ravel()) < max(min_area, np.pi * (0.35 * r) ** 2, 2)
     small[0] = True
     binary = ~small[blobs]
-    distance = ndi.distance_transform_edt(binary)
+    distance = inside_distance(binary)
     # One seed per local maximum of the (lightly smoothed) distance map within 0.7 r: every object gets its
     # global maximum, and two particles joined by a neck get one each.
     smooth = ndi.gaussian_filter(distance, 0.5)
@@ -68,8 +113,8 @@ def grow_to_edges(
     if n == 0:
         return labels, np.full_like(raw, -1.0)
     level = np.zeros(n + 1)
-    level[1:] = edge_fraction * np.asarray(ndi.maximum(raw, labels, np.arange(1, n + 1)))
-    near = ndi.distance_transform_edt(labels == 0) <= 0.5 * r
+    level[1:] = edge_fraction * labelled_stat(ndi.maximum, raw, labels, np.arange(1, n + 1))
+    near = ndi.binary_dilation(labels > 0, disk_footprint(0.5 * r))
     grown = watershed(-raw, labels, mask=(near & (raw > level[1:].min())) | (labels > 0))
     grown = np.where((raw >= level[grown]) | (labels > 0), grown, 0)
     edge = level[ndi.grey_dilation(grown, size=3)]
