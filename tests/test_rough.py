@@ -273,8 +273,9 @@ class _ScanSees(ClassicalSegmenter):
         super().__init__("bright")
         self.scan_radius = radius
 
-    def estimate_scale(self, image, contrast=None):
-        return self.scan_radius
+    def _analyse(self, image, contrast, radius):
+        x, contrast, _ = super()._analyse(image, contrast, 1.0)  # normalised, no scan
+        return x, contrast, radius or self.scan_radius
 
 
 def test_pick_radius_does_not_trust_a_count_far_below_the_frames_own_scale():
@@ -307,9 +308,9 @@ class _Counted(_ScanSees):
         super().__init__(radius)
         self.labelled: list[float] = []
 
-    def label(self, image, radius=None, contrast=None, plausible_only=True):
+    def _label_frame(self, x, contrast, radius, plausible_only=True):
         self.labelled.append(radius)
-        return super().label(image, radius, contrast, plausible_only)
+        return super()._label_frame(x, contrast, radius, plausible_only)
 
 
 def test_a_candidate_the_scan_rules_out_is_labelled_only_when_no_other_finds_enough():

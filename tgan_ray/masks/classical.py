@@ -189,10 +189,12 @@ class ClassicalSegmenter:
         setting (confidence 0) at the radius the frame picked, the particles step 2's pseudo-labels call unsure.
         """
         loose = ClassicalSegmenter(self.particle_contrast, self.min_particle_px, 0.0, self.threads)
-        picks = self.pick_radii(images, radii, contrast)
-        with ThreadPoolExecutor(self.threads) as pool:
-            candidates = pool.map(lambda im, pick: loose.segment(im, pick[0], contrast), images, picks)
-            return [(cut_touching(labels), c) for (_, labels), c in zip(picks, candidates, strict=True)]
+        picks = self._picks(images, radii, contrast)
+        with ThreadPoolExecutor(
+            self.threads
+        ) as pool:  # the frames as the pick normalised them: same as segment()
+            candidates = pool.map(lambda p: cut_touching(loose._label_frame(p[2], p[3], p[0])), picks)
+            return [(cut_touching(p[1]), c) for p, c in zip(picks, candidates, strict=True)]
 
     def label(
         self,
@@ -205,7 +207,12 @@ class ClassicalSegmenter:
 
         ``plausible_only=False`` keeps every object above the threshold, particle-like or not (candidates).
         """
-        x, contrast, radius = self._analyse(image, contrast, radius)
+        return self._label_frame(*self._analyse(image, contrast, radius), plausible_only)
+
+    def _label_frame(
+        self, x: np.ndarray, contrast: Contrast, radius: float, plausible_only: bool = True
+    ) -> np.ndarray:
+        """:meth:`label` of a frame already analysed (:meth:`_analyse`: normalised, particles bright)."""
         factor = max(1, int(radius / _WORK_RADIUS_PX))
         work, r = shrink(x, factor), radius / factor
         smooth = ndi.gaussian_filter(work, max(0.5, 0.25 * r))
@@ -265,15 +272,23 @@ class ClassicalSegmenter:
         """:meth:`pick_radius` of each frame. The frames' blob scans and candidates share one pool of threads,
         so both cores stay busy to the end of a batch; one frame alone leaves a core idle while its slowest
         candidate runs (scipy's filters and scikit-image's watershed release the GIL)."""
+        return [(radius, labels) for radius, labels, _, _ in self._picks(images, radii, contrast)]
+
+    def _picks(
+        self, images: Sequence[np.ndarray], radii: Sequence[float], contrast: str | None = None
+    ) -> list[tuple[float, np.ndarray, np.ndarray, Contrast]]:
+        """:meth:`pick_radii`, each frame with the normalised copy and contrast its scan made (the candidates'
+        and the loose pass's input, normalised once)."""
         radii = [float(r) for r in radii]
         with ThreadPoolExecutor(self.threads) as pool:
             # every scan first: a candidate's task waits for its frame's scan, which is then running or done
-            own = [pool.submit(self.estimate_scale, image, contrast) for image in images]
+            own = [pool.submit(self._analyse, image, contrast, None) for image in images]
 
             def count(k: int, i: int, unless_ruled_out: bool = True) -> tuple[int, float, np.ndarray] | None:
-                if unless_ruled_out and radii[i] * SMALLER_THAN_SCAN < own[k].result():
+                x, frame_contrast, scan_radius = own[k].result()
+                if unless_ruled_out and radii[i] * SMALLER_THAN_SCAN < scan_radius:
                     return None
-                labels = self.label(images[k], radii[i], contrast)
+                labels = self._label_frame(x, frame_contrast, radii[i])
                 return sized_count(labels, radii[i]), radii[i], labels
 
             tasks = [[pool.submit(count, k, i) for i in range(len(radii))] for k in range(len(images))]
@@ -288,7 +303,7 @@ class ClassicalSegmenter:
                         found = [later[i].result() if i in later else f for i, f in enumerate(found)]
                     # max keeps the first of equal counts, in the order the radii were given
                     _, radius, labels = max(trusted or found, key=lambda f: f[0])
-                    picks.append((radius, labels))
+                    picks.append((radius, labels, *own[k].result()[:2]))
             except BaseException:  # a frame that fails fails the batch: don't label the rest first
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
