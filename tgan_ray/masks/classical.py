@@ -235,7 +235,8 @@ class ClassicalSegmenter:
         """
         if not len(images):
             raise ValueError("stack_radii needs at least one image")
-        analysed = [self._analyse(image, None, None)[1:] for image in images]
+        with ThreadPoolExecutor(self.threads) as pool:  # the blob scans release the GIL, as in pick_radii
+            analysed = list(pool.map(lambda image: self._analyse(image, None, None)[1:], images))
         contrasts = [c for c, _ in analysed]
         contrast = max(("bright", "dark"), key=contrasts.count)
         if self.particle_contrast == "auto":
