@@ -15,6 +15,10 @@ weights unless --model names a trained one):
 - ``one whole-frame pass``: one forward pass over the padded working frame, nothing else: the floor for this
   network on this machine.
 
+``s/frame`` is a job's time over its frames, its fixed cost included (the actors' start, the stack's rough
+settings). ``s/extra frame``, for the two ``tgan segment`` rows: what each frame adds to a job (a job of twice the
+frames, less the first, over the frames), the time per frame of a long stack.
+
     python bench/segment_throughput.py                     # 512 and 2048 px frames, CPU preset net
     python bench/segment_throughput.py --model runs/r1/round1/npssegnet.pt --sizes 2048
     python bench/segment_throughput.py --smoke-test        # seconds: tiny frames and net
@@ -137,14 +141,16 @@ def whole_frame_pass(seg, frames: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def tgan_segment(model: Path, folder: Path, out: Path, cfg) -> float:
-    """Seconds of the second of two `tgan segment` runs (the first starts Ray and warms its workers)."""
+def tgan_segment(model: Path, folder: Path, out: Path, cfg, warm_up: bool = True) -> float:
+    """Seconds of the second of two `tgan segment` runs (the first starts Ray and warms its workers); of the
+    only run with ``warm_up=False`` (Ray already warm)."""
     import shutil
 
     from tgan_ray.segment import segment_stack
 
-    segment_stack(model, folder, out, cfg)
-    shutil.rmtree(out)
+    if warm_up:
+        segment_stack(model, folder, out, cfg)
+        shutil.rmtree(out)
     start = time.perf_counter()
     result = segment_stack(model, folder, out, cfg)
     seconds = time.perf_counter() - start
@@ -181,19 +187,34 @@ def _measure(args, cfg, work: Path) -> dict:
     rows = []
     for size in args.sizes:
         frames = write_frames(work / f"frames{size}", args.frames, size, sources)
+        write_frames(work / f"twice{size}", 2 * args.frames, size, sources)
         plain_loop_segmenter(seg, frames[:1])  # warm-up: allocator, oneDNN kernels
-        timings = {
-            "tgan segment (Ray Data)": tgan_segment(model, work / f"frames{size}", work / f"out{size}", cfg),
-            "tgan segment, merged with the rough masks (default)": tgan_segment(
-                model, work / f"frames{size}", work / f"merged{size}", merged
-            ),
+        jobs = {
+            "tgan segment (Ray Data)": ("out", cfg),
+            "tgan segment, merged with the rough masks (default)": ("merged", merged),
+        }
+        timings, extra = {}, {}
+        for path, (name, job_cfg) in jobs.items():
+            timings[path] = tgan_segment(model, work / f"frames{size}", work / f"{name}{size}", job_cfg)
+            # A job's fixed cost (actors' start, the stack's rough settings) is paid once: twice the frames
+            # cost the time of one frame more, each, as a long stack would.
+            out = work / f"{name}{size}_twice"
+            twice = tgan_segment(model, work / f"twice{size}", out, job_cfg, warm_up=False)
+            extra[path] = (twice - timings[path]) / len(frames)
+        timings |= {
             "plain loop, training tiles": plain_loop_training_tiles(seg, model, frames),
             "plain loop, inference tiles": plain_loop_segmenter(seg, frames),
             "one whole-frame pass": whole_frame_pass(seg, frames),
         }
         for path, seconds in timings.items():
             rows.append(
-                {"size": size, "path": path, "frames": len(frames), "s_per_frame": seconds / len(frames)}
+                {
+                    "size": size,
+                    "path": path,
+                    "frames": len(frames),
+                    "s_per_frame": seconds / len(frames),
+                    "s_per_extra_frame": extra.get(path),
+                }
             )
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
@@ -214,12 +235,13 @@ def markdown(result: dict) -> str:
         f"{result['frames']} (centre crops), training tile "
         f"{result['image_size']} px, inference tiles up to {result['inference_tile']} px, {result['dtype']}",
         "",
-        "| frame | path | frames | s/frame | frames/s |",
-        "|---|---|---:|---:|---:|",
+        "| frame | path | frames | s/frame | frames/s | s/extra frame |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        s = r["s_per_frame"]
-        lines.append(f"| {r['size']}² | {r['path']} | {r['frames']} | {s:.2f} | {1 / s:.2f} |")
+        s, extra = r["s_per_frame"], r.get("s_per_extra_frame")
+        extra = "" if extra is None else f"{extra:.2f}"
+        lines.append(f"| {r['size']}² | {r['path']} | {r['frames']} | {s:.2f} | {1 / s:.2f} | {extra} |")
     return "\n".join(lines)
 
 
