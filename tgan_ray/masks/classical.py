@@ -190,11 +190,10 @@ class ClassicalSegmenter:
         """
         loose = ClassicalSegmenter(self.particle_contrast, self.min_particle_px, 0.0, self.threads)
         picks = self._picks(images, radii, contrast)
-        with ThreadPoolExecutor(
-            self.threads
-        ) as pool:  # the frames as the pick normalised them: same as segment()
-            candidates = pool.map(lambda p: cut_touching(loose._label_frame(p[2], p[3], p[0])), picks)
-            return [(cut_touching(p[1]), c) for p, c in zip(picks, candidates, strict=True)]
+        # each frame as its pick normalised it (x, contrast): the same labels as loose.label(image, radius)
+        with ThreadPoolExecutor(self.threads) as pool:
+            candidates = pool.map(lambda pick: cut_touching(loose._label_frame(*pick[2:], pick[0])), picks)
+            return [(cut_touching(labels), c) for (_, labels, _, _), c in zip(picks, candidates, strict=True)]
 
     def label(
         self,
