@@ -361,6 +361,8 @@ def test_fast_distance_and_ring_helpers_equal_scipys_and_skimages_bit_for_bit():
 
     for i, mask in enumerate(_random_masks(5, 80)):
         assert np.array_equal(inside_distance(mask), ndi.distance_transform_edt(mask)), i
+        four_connected = ndi.label(mask)[0]  # the caller's blobs, of either connectivity
+        assert np.array_equal(inside_distance(mask, four_connected), ndi.distance_transform_edt(mask)), i
         labels, width = label(mask), 1 + i % 4
         assert np.array_equal(expand_labels_near(labels, width), expand_labels(labels, width)), i
         radius = 0.7 + 0.37 * (i % 9)  # grow_to_edges' reach: 0.5 r, any float

@@ -67,7 +67,7 @@ def typical_radius_px(mask: np.ndarray) -> float:
     blobs, n = label(_check_mask(mask) > 0, return_num=True, connectivity=2)
     if n == 0:
         return 0.0
-    return _median_inscribed_radius(blobs, n, inside_distance(blobs > 0))
+    return _median_inscribed_radius(blobs, n, inside_distance(blobs > 0, blobs))
 
 
 def _median_inscribed_radius(blobs: np.ndarray, n: int, distance: np.ndarray) -> float:
@@ -93,7 +93,7 @@ def split_touching(mask: np.ndarray, min_distance_px: int | None = None) -> np.n
     if min_distance_px is not None and min_distance_px < 1:
         raise ValueError(f"min_distance_px must be >= 1, got {min_distance_px}")
     blobs, n = label(mask, return_num=True, connectivity=2)
-    distance = inside_distance(mask)
+    distance = inside_distance(mask, blobs)
     if min_distance_px is None:  # typical_radius_px(mask), from the blobs and distances already at hand
         min_distance_px = max(
             1, int(round(_PEAK_SPACING_IN_RADII * _median_inscribed_radius(blobs, n, distance)))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -56,6 +56,15 @@ MIN_MEASURED_PARTICLES = 5
 # spread of one frame's particle sizes (p10 to p90 of the equivalent radius of the shared real frames' boxes: median
 # 2.2x, 1.5-3.6x).
 SMALLER_THAN_SCAN = 2.5
+
+
+class _Pick(NamedTuple):
+    """A frame's pick (:meth:`ClassicalSegmenter.pick_radius`) and the frame as its scan normalised it."""
+
+    radius: float
+    labels: np.ndarray
+    frame: np.ndarray  # normalised, particles bright (ClassicalSegmenter._analyse)
+    contrast: Contrast
 
 
 def _as_frame(image: np.ndarray) -> np.ndarray:
@@ -190,10 +199,12 @@ class ClassicalSegmenter:
         """
         loose = ClassicalSegmenter(self.particle_contrast, self.min_particle_px, 0.0, self.threads)
         picks = self._picks(images, radii, contrast)
-        # each frame as its pick normalised it (x, contrast): the same labels as loose.label(image, radius)
+        # each frame as its pick normalised it: the same labels as loose.label(image, radius)
         with ThreadPoolExecutor(self.threads) as pool:
-            candidates = pool.map(lambda pick: cut_touching(loose._label_frame(*pick[2:], pick[0])), picks)
-            return [(cut_touching(labels), c) for (_, labels, _, _), c in zip(picks, candidates, strict=True)]
+            candidates = pool.map(
+                lambda p: cut_touching(loose._label_frame(p.frame, p.contrast, p.radius)), picks
+            )
+            return [(cut_touching(p.labels), c) for p, c in zip(picks, candidates, strict=True)]
 
     def label(
         self,
@@ -272,11 +283,11 @@ class ClassicalSegmenter:
         """:meth:`pick_radius` of each frame. The frames' blob scans and candidates share one pool of threads,
         so both cores stay busy to the end of a batch; one frame alone leaves a core idle while its slowest
         candidate runs (scipy's filters and scikit-image's watershed release the GIL)."""
-        return [(radius, labels) for radius, labels, _, _ in self._picks(images, radii, contrast)]
+        return [(p.radius, p.labels) for p in self._picks(images, radii, contrast)]
 
     def _picks(
         self, images: Sequence[np.ndarray], radii: Sequence[float], contrast: str | None = None
-    ) -> list[tuple[float, np.ndarray, np.ndarray, Contrast]]:
+    ) -> list[_Pick]:
         """:meth:`pick_radii`, each frame with the normalised copy and contrast its scan made (the candidates'
         and the loose pass's input, normalised once)."""
         radii = [float(r) for r in radii]
@@ -303,7 +314,7 @@ class ClassicalSegmenter:
                         found = [later[i].result() if i in later else f for i, f in enumerate(found)]
                     # max keeps the first of equal counts, in the order the radii were given
                     _, radius, labels = max(trusted or found, key=lambda f: f[0])
-                    picks.append((radius, labels, *own[k].result()[:2]))
+                    picks.append(_Pick(radius, labels, *own[k].result()[:2]))
             except BaseException:  # a frame that fails fails the batch: don't label the rest first
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
