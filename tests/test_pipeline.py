@@ -489,15 +489,11 @@ def test_too_few_images_and_no_particles_are_clear_errors(tmp_path, ray_local):
         run_pipeline(str(blank), tmp_path / "r2", cfg, log=lambda m: None)
 
 
-def test_a_later_round_starts_from_the_previous_rounds_segmenter(finished_run, tmp_path, monkeypatch):
+def test_a_later_round_starts_from_the_previous_rounds_segmenter(finished_run, tmp_path):
     """--rounds 2: round 2's step 2 is round 1's NPsSegNet on the real frames, not the classical segmenter, and
     its prior draws other random masks. The finished run has one round (a second would double the suite's
     longest fixture), so round 2's first steps run here, on a copy of it; they differ from round 1's only in
-    these inputs, and the rest of the round is the same code with another folder.
-
-    A frame where round 1's NPsSegNet finds under half of the rough particles keeps round 1's classical
-    pseudo-labels (step 8's per-frame lead rule)."""
-    import tgan_ray.analysis.selfcheck as selfcheck
+    these inputs, and the rest of the round is the same code with another folder."""
     from tgan_ray.inference import Segmenter
     from tgan_ray.masks.pseudo import pseudo_label, read_pseudo_label
 
@@ -506,38 +502,17 @@ def test_a_later_round_starts_from_the_previous_rounds_segmenter(finished_run, t
     pipe = Pipeline(str(stack / "images"), out, cfg, log=lambda m: None)
     pipe.tracker.end()
     split = pipe.manifest.outputs("stack")
-    stems = split["subset1"] + split["subset2"]
-
-    def round2_labels(stem):
-        rough_png = out / "round2" / "rough" / f"{stem}.png"
-        rough = np.asarray(Image.open(rough_png)) > 127 if rough_png.exists() else None
-        return rough, read_pseudo_label(out / "round2" / "pseudo" / f"{stem}.png")
-
-    # Every frame led by the network: round 1's NPsSegNet makes the labels.
-    monkeypatch.setattr(selfcheck, "network_leads", lambda network, rough: True)
     rough = pipe.step_rough(split, 2)
-    round1 = Segmenter(out / "round1" / "npssegnet.pt", pipe.data_cfg, cfg.segmenter)
-    for stem in stems:
-        work = pipe.work_frame(stem)
-        got, pseudo = round2_labels(stem)
-        network = round1.segment_working(work)
-        if stem in split["subset1"]:
-            np.testing.assert_array_equal(got, network)
-        # Its pseudo-labels: p > 0.5 a particle, p 0.2-0.5 unsure.
-        np.testing.assert_array_equal(pseudo, pseudo_label(network, round1.probability_working(work) > 0.2))
-    assert rough["folder"] == str(out / "round2" / "rough") and rough["settings"] == {}
-    assert rough["classical_led"] == []
 
-    # Every frame led by the rough segmenter: round 1's classical masks and pseudo-labels, bit for bit.
-    monkeypatch.setattr(selfcheck, "network_leads", lambda network, rough: False)
-    assert pipe.step_rough(split, 2)["classical_led"] == stems
-    for stem in stems:
-        got, pseudo = round2_labels(stem)
-        np.testing.assert_array_equal(pseudo, read_pseudo_label(out / "round1" / "pseudo" / f"{stem}.png"))
-        if stem in split["subset1"]:
-            np.testing.assert_array_equal(
-                got, np.asarray(Image.open(out / "round1" / "rough" / f"{stem}.png")) > 127
-            )
+    round1 = Segmenter(out / "round1" / "npssegnet.pt", pipe.data_cfg, cfg.segmenter)
+    for stem in split["subset1"]:
+        work = pipe.work_frame(stem)
+        got = np.asarray(Image.open(out / "round2" / "rough" / f"{stem}.png")) > 127
+        np.testing.assert_array_equal(got, round1.segment_working(work))
+        # Its pseudo-labels: p > 0.5 a particle, p 0.2-0.5 unsure.
+        expected = pseudo_label(got, round1.probability_working(work) > 0.2)
+        np.testing.assert_array_equal(read_pseudo_label(out / "round2" / "pseudo" / f"{stem}.png"), expected)
+    assert rough["folder"] == str(out / "round2" / "rough") and rough["settings"] == {}
     prior2 = pipe.step_prior(split, rough, 2)
     assert prior2["seed"] != pipe.manifest.outputs("round1/prior")["seed"]
     assert (out / "round2" / "prior.json").is_file()

@@ -185,16 +185,10 @@ def merge_with_rough(network: np.ndarray, rough: np.ndarray) -> tuple[np.ndarray
     from tgan_ray.masks.consistency import unmasked_particles
 
     network, rough = np.asarray(network, bool), np.asarray(rough, bool)
-    if network_leads(network, rough):
+    recall = confident_recall(label_free_particles([network]), [rough])["recall"]
+    if recall is None or recall >= MIN_CONFIDENT_RECALL:
         return network | unmasked_particles(rough, network), LEAD_NETWORK
     return rough | unmasked_particles(network, rough), LEAD_ROUGH
-
-
-def network_leads(network: np.ndarray, rough: np.ndarray) -> bool:
-    """Whether NPsSegNet's mask of a frame finds at least half of the rough segmenter's particles there (or the
-    rough segmenter finds none): :func:`merge_with_rough`'s rule, and a later round's step 2's."""
-    recall = confident_recall(label_free_particles([network]), [np.asarray(rough, bool)])["recall"]
-    return recall is None or recall >= MIN_CONFIDENT_RECALL
 
 
 def add_agreed_candidates(

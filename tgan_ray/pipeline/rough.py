@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from tgan_ray.analysis.selfcheck import LEAD_NETWORK, LEAD_ROUGH
 from tgan_ray.pipeline.common import count_particles, load_mask, save_pngs_named, spread
 
 
@@ -33,15 +32,13 @@ class RoughStep:
             from tgan_ray.masks import create_rough_segmenter
 
             sam = create_rough_segmenter(self.cfg.rough)
-            segment, settings = (lambda work: (*(sam.segment(work),) * 2, LEAD_ROUGH)), {}
+            segment, settings = (lambda work: (sam.segment(work),) * 2), {}
         else:
-            segment, settings = self._model_rough(rnd, stems), {}
+            segment, settings = self._model_rough(rnd), {}
         folder = self.run_dir / f"round{rnd}"
-        counts, classical_led = {}, []
+        counts = {}
         for stem in stems:
-            confident, candidates, source = segment(self.work_frame(stem))
-            if source == LEAD_ROUGH and rnd > 1:
-                classical_led.append(stem)
+            confident, candidates = segment(self.work_frame(stem))
             write_pseudo_label(folder / "pseudo" / f"{stem}.png", pseudo_label(confident, candidates))
             if stem in stack["subset1"]:
                 save_pngs_named(folder / "rough", [stem], [confident])
@@ -55,18 +52,11 @@ class RoughStep:
             f"   rough masks: {sum(counts.values())} particles in {len(counts)} images; "
             f"pseudo-labels of {len(stems)} images"
         )
-        if classical_led:
-            self.log(
-                f"   {len(classical_led)} of {len(stems)} frame(s) keep the classical pseudo-labels (round "
-                f"{rnd - 1}'s NPsSegNet finds under half of their rough particles): {', '.join(classical_led[:6])}"
-                f"{' ...' if len(classical_led) > 6 else ''}"
-            )
         return {
             "folder": str(folder / "rough"),
             "pseudo": str(folder / "pseudo"),
             "particles": counts,
             "settings": settings,
-            "classical_led": classical_led,
         }
 
     def _classical_rough(self, stems: list[str]):
@@ -91,44 +81,31 @@ class RoughStep:
             # The ring, shape and scale tests cannot judge a particle the frame edge cuts: unsure, not support.
             cut = loose.label(work, radius, contrast, plausible_only=False)
             candidates |= (cut > 0) & (clear_border(cut) == 0)
-            return cut_touching(labels), candidates, LEAD_ROUGH
+            return cut_touching(labels), candidates
 
         return segment, {"contrast": contrast, "radii": [round(x, 3) for x in radii]}
 
-    def _model_rough(self, rnd: int, stems: list[str]):
-        """``work -> (confident mask, candidate mask, source)`` of an NPsSegNet: p > 0.5, and p > 0.2.
+    def _model_rough(self, rnd: int):
+        """``work -> (confident mask, candidate mask)`` of an NPsSegNet: p > 0.5, and p > 0.2.
 
         Not merged with the classical segmenter as step 8 merges them: a round 2 taught by the merged masks
         (unsure: p > 0.2 and the loose classical blobs) lost precision on every PtW frame, F1 0.765 against 0.842
         taught by the network alone. Likely cause: the loose blobs, mostly grains of support, were left out of
         the loss instead of taught as support (docs/quality.md, "A second round").
-
-        But where the previous round's NPsSegNet finds under half of a frame's rough particles (step 8's per-frame
-        lead rule, :func:`~tgan_ray.analysis.selfcheck.network_leads`), that frame keeps the classical
-        segmenter's pseudo-labels: a later round taught by a network that misses most particles learns to miss
-        them too (Pd and Cu lost 0.018 and 0.048 F1 in round 2, docs/quality.md).
         """
-        from tgan_ray.analysis.selfcheck import CANDIDATE_PROBABILITY, network_leads
+        from tgan_ray.analysis.selfcheck import CANDIDATE_PROBABILITY
         from tgan_ray.inference import Segmenter
 
-        classical = None
         if rnd == 1:
             from tgan_ray.model_uri import resolve_model_uri
 
             model = resolve_model_uri(self.seed_model, self.cfg)  # a path, s3:// or models:/name/version
         else:
             model = self.run_dir / f"round{rnd - 1}" / "npssegnet.pt"
-            if self.cfg.rough.method == "classical":
-                classical = self._classical_rough(stems)[0]
         seg = Segmenter(model, self.data_cfg, self.cfg.segmenter)
 
-        def segment(work: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+        def segment(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             probability = seg.probability_working(work)
-            confident = seg.working_mask(probability, work)
-            if classical is not None:
-                rough = classical(work)
-                if not network_leads(confident, rough[0]):
-                    return rough
-            return confident, probability > CANDIDATE_PROBABILITY, LEAD_NETWORK
+            return seg.working_mask(probability, work), probability > CANDIDATE_PROBABILITY
 
         return segment
