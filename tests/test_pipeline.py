@@ -489,28 +489,6 @@ def test_too_few_images_and_no_particles_are_clear_errors(tmp_path, ray_local):
         run_pipeline(str(blank), tmp_path / "r2", cfg, log=lambda m: None)
 
 
-def test_real_crops_leave_the_implausible_objects_out_with_unsure_implausible(finished_run, tmp_path):
-    """Step 7's real crops with ``segmenter.unsure_implausible`` (the cpu preset's): the same crops, with the
-    objects the classical segmenter rejects as implausible unsure instead of background; nothing else moves."""
-    from tgan_ray.masks.pseudo import IGNORE
-
-    out, cfg, stack = tmp_path / "run", finished_run["cfg"], finished_run["stack"]
-    shutil.copytree(finished_run["out"], out)
-    pipe = Pipeline(str(stack / "images"), out, cfg, log=lambda m: None)
-    pipe.tracker.end()
-    crops = {}
-    for flag in (False, True):
-        pipe.cfg = cfg.model_copy(
-            update={"segmenter": cfg.segmenter.model_copy(update={"unsure_implausible": flag})}
-        )
-        pipe.rng = np.random.default_rng(cfg.data.seed)
-        crops[flag] = pipe._pseudo_labelled_crops(64, 1)
-    np.testing.assert_array_equal(crops[False][0], crops[True][0])  # the same real crops
-    before, after = crops[False][1], crops[True][1]
-    moved = before != after
-    assert moved.any() and (before[moved] == 0).all() and (after[moved] == IGNORE).all()
-
-
 def test_a_later_round_starts_from_the_previous_rounds_segmenter(finished_run, tmp_path):
     """--rounds 2: round 2's step 2 is round 1's NPsSegNet on the real frames, not the classical segmenter, and
     its prior draws other random masks. The finished run has one round (a second would double the suite's

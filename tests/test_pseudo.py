@@ -57,28 +57,3 @@ def test_segmentation_dataset_keeps_the_ignore_label_through_augmentation():
     # without ignore_label every non-zero value is a particle, as before
     _, y = SegmentationDataset([image], [label])[0]
     assert set(torch.unique(y).tolist()) == {0, 1}
-
-
-def test_implausible_objects_above_the_loosest_threshold_become_unsure_not_background():
-    """``segmenter.unsure_implausible``: what the classical segmenter finds above its loosest threshold but rejects
-    as implausible (on real Pd frames, clusters of touching particles) is left out of the loss, not taught as
-    support; particles, unsure pixels and the rest of the background stay as step 2 labelled them."""
-    from tgan_ray.data.synthetic import render_layers, synth_config
-    from tgan_ray.io import normalize_intensity
-    from tgan_ray.masks import ClassicalSegmenter
-    from tgan_ray.masks.pseudo import implausible_left_out
-
-    frame = normalize_intensity(render_layers(synth_config("hard", size=192, seed=1), 1).image.astype(float))
-    strict, loose = ClassicalSegmenter("bright", 12, 0.5), ClassicalSegmenter("bright", 12, 0.0)
-    contrast, radii = strict.stack_radii([frame])
-    radius, _ = strict.pick_radius(frame, radii, contrast)
-    candidates = loose.segment(frame, radius, contrast)
-    label = pseudo_label(strict.segment(frame, radius, contrast), candidates)
-
-    [wide] = implausible_left_out([label], [frame], {"contrast": contrast, "radii": radii})
-    moved = wide != label
-    assert moved.sum() > 100  # the hard stack's support texture holds such objects
-    assert (label[moved] == 0).all() and (wide[moved] == IGNORE).all()
-    above = loose.label(frame, radius, contrast, plausible_only=False) > 0
-    assert (above[moved]).all() and not (candidates & moved).any()
-    assert np.array_equal(wide[~moved], label[~moved]) and wide.dtype == label.dtype

@@ -224,14 +224,6 @@ class SegmenterConfig(_Section):
         "particles, so the segmenter learns that some particles look like support. On in the cpu preset, whose "
         "real crops keep the loss supplied with particles where the generators draw few.",
     )
-    unsure_implausible: bool = Field(
-        False,
-        description="Real crops (round 1, classical step 2): also leave out of the loss every object above the "
-        "rough segmenter's loosest threshold that its plausibility tests reject, instead of teaching it as "
-        "background (masks/pseudo.py). For supports crowded with clusters of touching particles: step 7 redone "
-        "with it raised F1 on Pd from 0.352 to 0.393 but cut it on PtW from 0.824 to 0.741, whose rejected "
-        'objects are mostly grains of support (docs/quality.md, "Pd"). Off in every preset.',
-    )
     merge_rough: bool = Field(
         True,
         description="`tgan segment` with a model and step 8 also run the rough segmenter (as `tgan segment "

@@ -53,41 +53,6 @@ def pseudo_label(confident: np.ndarray, candidates: np.ndarray, band_px: int = 1
     return label
 
 
-def implausible_left_out(
-    labels: list[np.ndarray],
-    frames: list[np.ndarray],
-    settings: dict,
-    min_particle_px: int = 12,
-    confidence: float = 0.5,
-) -> list[np.ndarray]:
-    """Pseudo-labels with every object above the classical segmenter's loosest threshold, at the frame's own
-    radius, marked unsure where they say background (``segmenter.unsure_implausible``).
-
-    Step 2 calls unsure only the loose blobs that pass the plausibility tests (convex, not a streak, significant,
-    brighter than their ring). What fails them is background in its pseudo-labels, and that includes clusters of
-    touching particles: on the Pd stack, 328 of the 990 reference particles of the learnt frames, against 176
-    left in the background that nothing marks. Particle or support, the rough segmenter cannot say there, so
-    NPsSegNet is not taught either. On PtW the same objects are mostly grains of support, and the network taught
-    less support loses precision: off by default (docs/quality.md, "Pd").
-
-    Args:
-        labels: step 2's pseudo-labels (:func:`pseudo_label`) of ``frames``, the frames at the working scale.
-        settings: step 2's classical settings, ``{"contrast": ..., "radii": [...]}``.
-        min_particle_px, confidence: the rough segmenter's (``rough`` config).
-    """
-    from tgan_ray.masks.classical import ClassicalSegmenter
-
-    contrast, radii = settings["contrast"], settings["radii"]
-    strict = ClassicalSegmenter(contrast, min_particle_px, confidence)
-    loose = ClassicalSegmenter(contrast, min_particle_px, confidence=0.0)
-    out = []
-    picks = strict.pick_radii(frames, radii, contrast)
-    for label, frame, (radius, _) in zip(labels, frames, picks, strict=True):
-        above = loose.label(frame, radius, contrast, plausible_only=False) > 0
-        out.append(np.where(above & (label == 0), IGNORE, label).astype(label.dtype))
-    return out
-
-
 def write_pseudo_label(path: str | Path, label: np.ndarray) -> None:
     """Save a pseudo-label as an 8-bit PNG, atomically (0 background, 127 unsure, 255 particle)."""
     from tgan_ray.io import write_png

@@ -111,7 +111,7 @@ class SegmenterStep:
     def _pseudo_labelled_crops(self, n_virtual: int, rnd: int) -> tuple[np.ndarray, np.ndarray]:
         """Real crops of the non-test frames with step 2's pseudo-labels, ``segmenter.real_fraction`` of the set."""
         from tgan_ray.data.working import random_crops
-        from tgan_ray.masks.pseudo import IGNORE, implausible_left_out, read_pseudo_label
+        from tgan_ray.masks.pseudo import IGNORE, read_pseudo_label
 
         fraction = self.cfg.segmenter.real_fraction
         rough = self.manifest.outputs(round_step(rnd, "rough"))
@@ -122,11 +122,9 @@ class SegmenterStep:
         stems = sorted(p.stem for p in folder.glob("*.png"))
         n = max(1, round(n_virtual * fraction / (1 - fraction)))
         labels = [read_pseudo_label(folder / f"{s}.png") for s in stems]
-        frames = [self.work_frame(s) for s in stems]
-        if self.cfg.segmenter.unsure_implausible and rough.get("settings"):  # classical pseudo-labels only
-            r = self.cfg.rough
-            labels = implausible_left_out(labels, frames, rough["settings"], r.min_particle_px, r.confidence)
-        images, crops = random_crops(frames, size, n, self.rng, labels, self.cfg.data.positive_crops)
+        images, crops = random_crops(
+            [self.work_frame(s) for s in stems], size, n, self.rng, labels, self.cfg.data.positive_crops
+        )
         unsure = float(np.mean(crops == IGNORE))
         self.log(
             f"   {n} real crops with pseudo-labels from {len(stems)} images ({unsure:.0%} of pixels unsure)"
